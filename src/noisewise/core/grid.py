@@ -1,0 +1,151 @@
+"""The step grid: every inference level computed once, on the host, in float64.
+
+Solvers read plain Python floats from it, so no step ever synchronises with an accelerator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .schedules import Schedule
+from .spacing import apply_shift, resolve_spacing
+
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Level:
+    """One noise level: ``x = alpha * x0 + sigma * eps``, ``lam = log(alpha / sigma)``,
+    and the value the network is conditioned on (``model_time``)."""
+
+    alpha: float
+    sigma: float
+    lam: float
+    model_time: float
+
+    @property
+    def ve_sigma(self) -> float:
+        """``sigma / alpha`` (inf where alpha = 0)."""
+        return self.sigma / self.alpha if self.alpha > 0 else math.inf
+
+    @property
+    def flow_t(self) -> float:
+        """``sigma / (alpha + sigma)``: the equivalent rectified-flow time."""
+        return self.sigma / (self.alpha + self.sigma)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Levels ``0 .. n`` of an ``n``-step solve; level ``n`` is the end (normally sigma = 0)."""
+
+    levels: tuple[Level, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.levels) < 2:
+            raise ValueError("a grid needs at least 2 levels (one step)")
+        for a, b in zip(self.levels[:-1], self.levels[1:]):
+            if not b.lam > a.lam:
+                raise ValueError(
+                    "grid levels must go strictly from noisy to clean (increasing lambda); got "
+                    f"lambda {a.lam:.6g} then {b.lam:.6g} (model_time {a.model_time:.6g} -> {b.model_time:.6g}). "
+                    "Pass model times in descending order of noise, with no repeats."
+                )
+        for lv in self.levels:
+            if lv.alpha < 0 or lv.sigma < 0 or (lv.alpha == 0 and lv.sigma == 0):
+                raise ValueError(f"invalid level {lv}")
+
+    @property
+    def steps(self) -> int:
+        return len(self.levels) - 1
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    def __getitem__(self, i: int) -> Level:
+        return self.levels[i]
+
+    @property
+    def alphas(self) -> list[float]:
+        return [lv.alpha for lv in self.levels]
+
+    @property
+    def sigmas(self) -> list[float]:
+        return [lv.sigma for lv in self.levels]
+
+    @property
+    def lams(self) -> list[float]:
+        return [lv.lam for lv in self.levels]
+
+    @property
+    def model_times(self) -> list[float]:
+        return [lv.model_time for lv in self.levels]
+
+    @staticmethod
+    def from_arrays(
+        alphas: Sequence[float], sigmas: Sequence[float], model_times: Sequence[float]
+    ) -> Grid:
+        """A grid from explicit per-level values (the last level is where sampling ends)."""
+        if not len(alphas) == len(sigmas) == len(model_times):
+            raise ValueError("alphas, sigmas and model_times must have the same length")
+        levels = []
+        for a, s, t in zip(alphas, sigmas, model_times):
+            a, s = float(a), float(s)
+            lam = math.inf if s == 0 else (-math.inf if a == 0 else math.log(a) - math.log(s))
+            levels.append(Level(a, s, lam, float(t)))
+        return Grid(tuple(levels))
+
+    @staticmethod
+    def from_model_times(
+        schedule: Schedule, model_times: Any, final: Literal["zero", "none"] = "zero"
+    ) -> Grid:
+        """Levels at the given model times (descending) plus, with ``final='zero'``, the final
+        node sigma = 0 (the last step then returns the denoised sample)."""
+        ts = torch.as_tensor(model_times, dtype=_F64).reshape(-1)
+        if len(ts) == 0:
+            raise ValueError("no model times given")
+        if not bool(torch.isfinite(ts).all()):
+            raise ValueError("model times must be finite")
+        lo, hi = min(schedule.t_min, schedule.t_max), max(schedule.t_min, schedule.t_max)
+        if float(ts.min()) < lo - 1e-9 or float(ts.max()) > hi + 1e-9:
+            raise ValueError(
+                f"model times must lie in the schedule's range [{lo}, {hi}]; got "
+                f"[{float(ts.min())}, {float(ts.max())}]"
+            )
+        a = schedule.alpha(ts).tolist()
+        s = schedule.sigma(ts).tolist()
+        lam = schedule.lam(ts).tolist()
+        levels = [Level(float(ai), float(si), float(li), float(ti)) for ai, si, li, ti in zip(a, s, lam, ts.tolist())]
+        if final == "zero":
+            if levels[-1].sigma > 0:
+                levels.append(Level(1.0, 0.0, math.inf, float(schedule.t_min)))
+        elif final != "none":
+            raise ValueError(f"final must be 'zero' or 'none', got {final!r}")
+        if len(levels) < 2:
+            raise ValueError("one level is not a grid: with final='none' give at least two model times")
+        return Grid(tuple(levels))
+
+
+def make_grid(
+    schedule: Schedule,
+    steps: int,
+    spacing: Any = None,
+    *,
+    shift: float | None = None,
+    image_seq_len: int | None = None,
+    final: Literal["zero", "none"] = "zero",
+    spacing_options: dict[str, Any] | None = None,
+) -> Grid:
+    """Build the grid for ``steps`` steps with the given spacing (name, callable or explicit
+    model times), applying the schedule's inference shift (or ``shift``)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    spacing = schedule.default_spacing if spacing is None else spacing
+    ts = resolve_spacing(schedule, spacing, steps, spacing_options)
+    s = schedule.shift_for(image_seq_len) if shift is None else float(shift)
+    ts = apply_shift(schedule, ts, s)
+    return Grid.from_model_times(schedule, ts, final=final)

@@ -1,0 +1,189 @@
+"""DPM-Solver (single-step, Lu et al. 2022) and DPM-Solver++ multistep (Lu et al. 2023).
+
+All updates are exponential integrators in half-logSNR lambda, ``h = lam' - lam``. Data-prediction
+form (``++``): ``x' = (sigma'/sigma) x - alpha' (e^{-h} - 1) D0 + ...``.
+A step into sigma = 0 returns the data prediction (first order), and a step out of alpha = 0
+(lambda = -inf) is the exact DDIM step, so no coefficient is ever inf * 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .base import (
+    Callback,
+    SolverGen,
+    StepInfo,
+    Tensor,
+    check_order,
+    ddim_step,
+    register,
+    to_final,
+)
+from ..core.grid import Grid, Level
+
+Algorithm = str  # "dpmsolver++" (data prediction) or "dpmsolver" (noise prediction)
+
+
+def _eps(x: Tensor, x0: Tensor, lv: Level) -> Tensor:
+    return (x - lv.alpha * x0) / lv.sigma
+
+
+def singlestep_orders(steps: int, order: int) -> list[int]:
+    """Order of each step: groups of (1, 2, .., order) that share a start point, ending with lower
+    orders so the last step (into sigma = 0) is first order (as diffusers' ``lower_order_final``)."""
+    if order == 3:
+        if steps % 3 == 0:
+            orders = [1, 2, 3] * (steps // 3 - 1) + [1, 2] + [1]
+        elif steps % 3 == 1:
+            orders = [1, 2, 3] * (steps // 3) + [1]
+        else:
+            orders = [1, 2, 3] * (steps // 3) + [1, 2]
+    elif order == 2:
+        orders = [1, 2] * (steps // 2 - 1) + [1, 1] if steps % 2 == 0 else [1, 2] * (steps // 2) + [1]
+    else:
+        orders = [1] * steps
+    orders = orders[:steps]
+    orders[-1] = 1
+    return orders
+
+
+@register(
+    "dpm_solver",
+    "Lu et al. 2022, DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in "
+    "Around 10 Steps (Algorithms 1-2, single-step order 1-3); data-prediction form by default "
+    "(Lu et al. 2023, DPM-Solver++)",
+    order=None,
+    options=("order", "algorithm"),
+    notes="Intermediate points of each order-k group are grid nodes: one evaluation per step.",
+)
+def dpm_solver(
+    x: Tensor,
+    grid: Grid,
+    *,
+    order: int = 2,
+    algorithm: Algorithm = "dpmsolver++",
+    callback: Callback | None = None,
+) -> SolverGen:
+    """Single-step DPM-Solver-k: steps are grouped (1, 2, .., k); the k-th step of a group goes
+    from the group's start point using the k data (or noise) predictions taken inside the group
+    (the 'midpoint' forms of the paper: DPM-Solver-2 eq. (3.7)-type and DPM-Solver-3 Alg. 2)."""
+    check_order(order, 1, 3, "dpm_solver")
+    if algorithm not in ("dpmsolver++", "dpmsolver"):
+        raise ValueError(f"dpm_solver: algorithm must be 'dpmsolver++' or 'dpmsolver', got {algorithm!r}")
+    orders = singlestep_orders(grid.steps, order)
+    x_start = x
+    start = 0
+    ms: list[Tensor] = []
+    for i in range(grid.steps):
+        k = orders[i]
+        if k == 1:
+            x_start, start, ms = x, i, []
+        cur, nxt = grid[i], grid[i + 1]
+        x0 = yield x, cur
+        ms.append(x0 if algorithm == "dpmsolver++" else _eps(x, x0, cur))
+        s = grid[start]
+        if nxt.sigma == 0.0:
+            x = to_final(x0, nxt)
+        elif k == 1 or s.alpha == 0.0:
+            # first order from the group start (exact DDIM limit out of alpha = 0)
+            x = ddim_step(x, x0, cur, nxt)
+        else:
+            x = _singlestep_update(x_start, ms, [grid[j] for j in range(start, i + 1)], nxt, algorithm)
+        if callback is not None:
+            callback(StepInfo(i, nxt, x, x0))
+    return x
+
+
+def _singlestep_update(x: Tensor, ms: list[Tensor], lvs: list[Level], t: Level, algorithm: str) -> Tensor:
+    """Order-2/3 single-step update from ``lvs[0]`` to ``t``; ``ms`` are data predictions
+    (``dpmsolver++``) or noise predictions (``dpmsolver``) at the nodes ``lvs``."""
+    s = lvs[0]
+    h = t.lam - s.lam
+    r = (lvs[-1].lam - s.lam) / h
+    if algorithm == "dpmsolver++":
+        phi1 = math.expm1(-h)  # e^{-h} - 1
+        base = (t.sigma / s.sigma) * x - t.alpha * phi1 * ms[0]
+        if len(ms) == 2:
+            return base - 0.5 * t.alpha * phi1 * (ms[1] - ms[0]) / r
+        return base + t.alpha * (phi1 / h + 1.0) * (ms[2] - ms[0]) / r
+    phi1 = math.expm1(h)  # e^{h} - 1
+    base = (t.alpha / s.alpha) * x - t.sigma * phi1 * ms[0]
+    if len(ms) == 2:
+        return base - 0.5 * t.sigma * phi1 * (ms[1] - ms[0]) / r
+    return base - t.sigma * (phi1 / h - 1.0) * (ms[2] - ms[0]) / r
+
+
+def _multistep_order(i: int, steps: int, order: int, history: int, lower_order_final: bool) -> int:
+    """diffusers' DPMSolverMultistep rule: warm up from order 1, first order on the last step,
+    at most second order on the one before it when there are fewer than 15 steps."""
+    k = min(order, history + 1)
+    if i == steps - 1:
+        k = 1
+    elif lower_order_final and steps < 15 and i == steps - 2:
+        k = min(k, 2)
+    return k
+
+
+def _dpmpp_multistep(
+    x: Tensor, grid: Grid, order: int, lower_order_final: bool, callback: Callback | None
+) -> SolverGen:
+    ms: list[Tensor] = []
+    lvs: list[Level] = []
+    for i in range(grid.steps):
+        cur, nxt = grid[i], grid[i + 1]
+        x0 = yield x, cur
+        ms, lvs = (ms + [x0])[-order:], (lvs + [cur])[-order:]
+        # history usable for higher order: previous points with finite lambda
+        usable = sum(1 for lv in lvs[:-1] if math.isfinite(lv.lam))
+        k = _multistep_order(i, grid.steps, order, usable, lower_order_final)
+        if nxt.sigma == 0.0:
+            x = to_final(x0, nxt)
+        elif k == 1 or cur.alpha == 0.0:
+            x = ddim_step(x, x0, cur, nxt)
+        else:
+            h = nxt.lam - cur.lam
+            phi1 = math.expm1(-h)
+            base = (nxt.sigma / cur.sigma) * x - nxt.alpha * phi1 * x0
+            r0 = (cur.lam - lvs[-2].lam) / h
+            d1_0 = (x0 - ms[-2]) / r0
+            if k == 2:
+                x = base - 0.5 * nxt.alpha * phi1 * d1_0
+            else:
+                r1 = (lvs[-2].lam - lvs[-3].lam) / h
+                d1_1 = (ms[-2] - ms[-3]) / r1
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+                x = base + nxt.alpha * (phi1 / h + 1.0) * d1 - nxt.alpha * ((phi1 + h) / h**2 - 0.5) * d2
+        if callback is not None:
+            callback(StepInfo(i, nxt, x, x0))
+    return x
+
+
+@register(
+    "dpmpp_2m",
+    "Lu et al. 2023, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, "
+    "Algorithm 2 (multistep, 2nd order, data prediction)",
+    order=2,
+    options=("lower_order_final",),
+)
+def dpmpp_2m(
+    x: Tensor, grid: Grid, *, lower_order_final: bool = True, callback: Callback | None = None
+) -> SolverGen:
+    """DPM-Solver++(2M): ``x' = (s'/s) x - alpha' (e^{-h}-1) (D0 + (D0 - D_prev) / (2 r))``,
+    ``r = h_prev / h``."""
+    return (yield from _dpmpp_multistep(x, grid, 2, lower_order_final, callback))
+
+
+@register(
+    "dpmpp_3m",
+    "Lu et al. 2023, DPM-Solver++ (multistep, 3rd order, data prediction; the 3M update of "
+    "DPM-Solver v2/diffusers)",
+    order=3,
+    options=("lower_order_final",),
+)
+def dpmpp_3m(
+    x: Tensor, grid: Grid, *, lower_order_final: bool = True, callback: Callback | None = None
+) -> SolverGen:
+    """DPM-Solver++(3M): third-order multistep with divided differences D1, D2 in lambda."""
+    return (yield from _dpmpp_multistep(x, grid, 3, lower_order_final, callback))

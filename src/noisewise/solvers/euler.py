@@ -1,0 +1,105 @@
+"""First-order and Heun samplers: DDIM, Euler (VE coordinates), Heun, flow Euler."""
+
+from __future__ import annotations
+
+from .base import Callback, SolverGen, StepInfo, Tensor, ddim_step, register, to_final
+from ..core.grid import Grid
+
+
+@register("ddim", "Song, Meng & Ermon 2021, Denoising Diffusion Implicit Models, eq. 12 (eta = 0)", order=1)
+def ddim(x: Tensor, grid: Grid, *, callback: Callback | None = None) -> SolverGen:
+    """DDIM with eta = 0: ``x' = alpha' x0 + sigma' eps_hat``, ``eps_hat = (x - alpha x0) / sigma``."""
+    for i in range(grid.steps):
+        cur, nxt = grid[i], grid[i + 1]
+        x0 = yield x, cur
+        if nxt.sigma == 0.0:
+            x = to_final(x0, nxt)
+        else:
+            eps = (x - cur.alpha * x0) / cur.sigma
+            x = nxt.alpha * x0 + nxt.sigma * eps
+        if callback is not None:
+            callback(StepInfo(i, nxt, x, x0))
+    return x
+
+
+@register(
+    "euler",
+    "Karras et al. 2022 (EDM), Algorithm 1 without churn: Euler on dx/dsigma = (x - D(x)) / sigma "
+    "in variance-exploding coordinates (x / alpha, sigma / alpha)",
+    order=1,
+)
+def euler(x: Tensor, grid: Grid, *, callback: Callback | None = None) -> SolverGen:
+    """Euler in VE coordinates ``y = x / alpha``, ``s = sigma / alpha``: ``y' = y + (s' - s) d``,
+    ``d = (y - x0) / s``. A step from alpha = 0 (s = inf) is taken in its exact limit, the DDIM step."""
+    for i in range(grid.steps):
+        cur, nxt = grid[i], grid[i + 1]
+        x0 = yield x, cur
+        if nxt.sigma == 0.0:
+            x = to_final(x0, nxt)
+        elif cur.alpha == 0.0:
+            x = ddim_step(x, x0, cur, nxt)
+        else:
+            s, s_next = cur.sigma / cur.alpha, nxt.sigma / nxt.alpha
+            y = x / cur.alpha
+            d = (y - x0) / s
+            x = (y + (s_next - s) * d) * nxt.alpha
+        if callback is not None:
+            callback(StepInfo(i, nxt, x, x0))
+    return x
+
+
+@register(
+    "heun",
+    "Karras et al. 2022 (EDM), Algorithm 1 (deterministic Heun, 2nd order) in VE coordinates",
+    order=2,
+    evals_per_step=2,
+    notes="2 evaluations per step; the last step (into sigma = 0) and a step out of alpha = 0 are first order.",
+)
+def heun(x: Tensor, grid: Grid, *, callback: Callback | None = None) -> SolverGen:
+    """Heun's method on the VE probability-flow ODE: Euler predictor, trapezoid corrector."""
+    for i in range(grid.steps):
+        cur, nxt = grid[i], grid[i + 1]
+        x0 = yield x, cur
+        if nxt.sigma == 0.0:
+            x = to_final(x0, nxt)
+        elif cur.alpha == 0.0:
+            x = ddim_step(x, x0, cur, nxt)
+        else:
+            s, s_next = cur.sigma / cur.alpha, nxt.sigma / nxt.alpha
+            y = x / cur.alpha
+            d = (y - x0) / s
+            # Euler step.
+            y_next = y + (s_next - s) * d
+            # Apply 2nd order correction.
+            x0_next = yield y_next * nxt.alpha, nxt
+            d_next = (y_next - x0_next) / s_next
+            x = (y + (s_next - s) * 0.5 * (d + d_next)) * nxt.alpha
+        if callback is not None:
+            callback(StepInfo(i, nxt, x, x0))
+    return x
+
+
+@register(
+    "flow_euler",
+    "Lipman et al. 2023 (Flow Matching) / Liu et al. 2023 (Rectified Flow): Euler on dx/dt = v "
+    "in flow coordinates (x / (alpha + sigma), t = sigma / (alpha + sigma))",
+    order=1,
+)
+def flow_euler(x: Tensor, grid: Grid, *, callback: Callback | None = None) -> SolverGen:
+    """Euler on the rectified-flow ODE ``dz/dt = v = (z - x0) / t`` with ``z = x / (alpha + sigma)``,
+    ``t = sigma / (alpha + sigma)``; on a flow schedule (alpha + sigma = 1) this is exactly
+    ``x' = x + (t' - t) v``. Works on any schedule by that change of variables."""
+    for i in range(grid.steps):
+        cur, nxt = grid[i], grid[i + 1]
+        x0 = yield x, cur
+        if nxt.sigma == 0.0:
+            x = to_final(x0, nxt)
+        else:
+            c, c_next = cur.alpha + cur.sigma, nxt.alpha + nxt.sigma
+            t, t_next = cur.sigma / c, nxt.sigma / c_next
+            z = x / c
+            v = (z - x0) / t
+            x = (z + (t_next - t) * v) * c_next
+        if callback is not None:
+            callback(StepInfo(i, nxt, x, x0))
+    return x

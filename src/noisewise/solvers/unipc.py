@@ -1,0 +1,125 @@
+"""UniPC: unified predictor-corrector (Zhao et al. 2023), data-prediction form, B(h) = bh1 or bh2."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.grid import Grid, Level
+from .base import Callback, SolverGen, StepInfo, Tensor, check_order, ddim_step, register, to_final
+
+
+def _coefficients(rks: list[float], h: float, order: int, variant: str) -> tuple[float, float, list[float]]:
+    """``h_phi_1``, ``B(h)`` and the right-hand side ``b`` of the UniPC linear system (eq. 8);
+    ``hh = -h`` (data prediction)."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1.0
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    factorial = 1
+    b = []
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    return h_phi_1, b_h, b
+
+
+def _solve(rks: list[float], b: list[float]) -> list[float]:
+    n = len(b)
+    R = torch.tensor([[rk ** (i) for rk in rks[:n]] for i in range(n)], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+@register(
+    "unipc",
+    "Zhao et al. 2023, UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion "
+    "Models (UniP-p predictor + UniC corrector, Algorithms 2-3, B(h) = bh1 or bh2)",
+    order=None,
+    options=("order", "variant", "lower_order_final", "disable_corrector"),
+    notes="The corrector reuses the next step's evaluation: one evaluation per step, order+1 accuracy.",
+)
+def unipc(
+    x: Tensor,
+    grid: Grid,
+    *,
+    order: int = 2,
+    variant: str = "bh2",
+    lower_order_final: bool = True,
+    disable_corrector: tuple[int, ...] = (),
+    callback: Callback | None = None,
+) -> SolverGen:
+    """UniPC-p with B(h) = h (``bh1``) or e^h - 1 (``bh2``). Each step first corrects the state it
+    starts from with UniC (using the evaluation just made there), then predicts with UniP."""
+    check_order(order, 1, 3, "unipc")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unipc: variant must be 'bh1' or 'bh2', got {variant!r}")
+    ms: list[Tensor] = []
+    lvs: list[Level] = []
+    last_x: Tensor | None = None
+    this_order = 1
+    steps = grid.steps
+    for i in range(steps):
+        cur, nxt = grid[i], grid[i + 1]
+        x0 = yield x, cur
+        # UniC: correct x at `cur` with the evaluation made there.
+        # (a step out of alpha = 0 is kept as predicted: its first-order step is the exact limit)
+        if last_x is not None and (i - 1) not in disable_corrector and math.isfinite(lvs[-1].lam):
+            x = _corrector(last_x, x0, ms, lvs, cur, this_order, variant)
+        ms, lvs = (ms + [x0])[-order:], (lvs + [cur])[-order:]
+        k = min(order, steps - i) if lower_order_final else order
+        this_order = min(k, len(ms))
+        last_x = x
+        # UniP: predict the next state.
+        if nxt.sigma == 0.0:
+            x = to_final(x0, nxt)
+        elif this_order == 1 or not math.isfinite(lvs[-this_order].lam):
+            # out of alpha = 0 (lambda = -inf) only the first-order step has a finite limit
+            this_order = 1
+            x = ddim_step(x, x0, cur, nxt)
+        else:
+            x = _predictor(x, ms, lvs, nxt, this_order, variant)
+        if callback is not None:
+            callback(StepInfo(i, nxt, x, x0))
+    return x
+
+
+def _predictor(x: Tensor, ms: list[Tensor], lvs: list[Level], t: Level, order: int, variant: str) -> Tensor:
+    s0, m0 = lvs[-1], ms[-1]
+    h = t.lam - s0.lam
+    rks, d1s = [], []
+    for k in range(1, order):
+        rk = (lvs[-(k + 1)].lam - s0.lam) / h
+        rks.append(rk)
+        d1s.append((ms[-(k + 1)] - m0) / rk)
+    rks.append(1.0)
+    h_phi_1, b_h, b = _coefficients(rks, h, order, variant)
+    x_t = (t.sigma / s0.sigma) * x - t.alpha * h_phi_1 * m0
+    if order == 2:
+        rhos = [0.5]
+    else:
+        rhos = _solve(rks[:-1], b[:-1])
+    res = sum(r * d for r, d in zip(rhos, d1s))
+    return x_t - t.alpha * b_h * res
+
+
+def _corrector(
+    x: Tensor, m_t: Tensor, ms: list[Tensor], lvs: list[Level], t: Level, order: int, variant: str
+) -> Tensor:
+    """UniC: re-do the step s0 -> t that produced the current state ``t`` from ``x`` (the state at
+    s0), now also using the evaluation ``m_t`` made at the predicted state."""
+    s0, m0 = lvs[-1], ms[-1]
+    h = t.lam - s0.lam
+    rks, d1s = [], []
+    for k in range(1, order):
+        lv = lvs[-(k + 1)]
+        rk = (lv.lam - s0.lam) / h
+        rks.append(rk)
+        d1s.append((ms[-(k + 1)] - m0) / rk)
+    rks.append(1.0)
+    h_phi_1, b_h, b = _coefficients(rks, h, order, variant)
+    rhos = [0.5] if order == 1 else _solve(rks, b)
+    x_t = (t.sigma / s0.sigma) * x - t.alpha * h_phi_1 * m0
+    res = sum(r * d for r, d in zip(rhos[:-1], d1s))
+    return x_t - t.alpha * b_h * (res + rhos[-1] * (m_t - m0))
