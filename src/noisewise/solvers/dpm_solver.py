@@ -29,9 +29,12 @@ def _eps(x: Tensor, x0: Tensor, lv: Level) -> Tensor:
     return (x - lv.alpha * x0) / lv.sigma
 
 
-def singlestep_orders(steps: int, order: int) -> list[int]:
-    """Order of each step: groups of (1, 2, .., order) that share a start point, ending with lower
-    orders so the last step (into sigma = 0) is first order (as diffusers' ``lower_order_final``)."""
+def singlestep_orders(steps: int, order: int, lower_order_final: bool = True) -> list[int]:
+    """Order of each step: groups (1, 2, .., order) share a start point. With
+    ``lower_order_final`` the tail uses lower orders so the last step is first order (diffusers'
+    DPMSolverSinglestep rule); otherwise a short tail group just ends early."""
+    if not lower_order_final:
+        return ([1, 2, 3][:order] * steps)[:steps]
     if order == 3:
         if steps % 3 == 0:
             orders = [1, 2, 3] * (steps // 3 - 1) + [1, 2] + [1]
@@ -43,9 +46,7 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
         orders = [1, 2] * (steps // 2 - 1) + [1, 1] if steps % 2 == 0 else [1, 2] * (steps // 2) + [1]
     else:
         orders = [1] * steps
-    orders = orders[:steps]
-    orders[-1] = 1
-    return orders
+    return orders[:steps]
 
 
 @register(
@@ -54,7 +55,7 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
     "Around 10 Steps (Algorithms 1-2, single-step order 1-3); data-prediction form by default "
     "(Lu et al. 2023, DPM-Solver++)",
     order=None,
-    options=("order", "algorithm"),
+    options=("order", "algorithm", "lower_order_final"),
     notes="Intermediate points of each order-k group are grid nodes: one evaluation per step.",
 )
 def dpm_solver(
@@ -63,6 +64,7 @@ def dpm_solver(
     *,
     order: int = 2,
     algorithm: Algorithm = "dpmsolver++",
+    lower_order_final: bool = True,
     callback: Callback | None = None,
 ) -> SolverGen:
     """Single-step DPM-Solver-k: steps are grouped (1, 2, .., k); the k-th step of a group goes
@@ -71,7 +73,7 @@ def dpm_solver(
     check_order(order, 1, 3, "dpm_solver")
     if algorithm not in ("dpmsolver++", "dpmsolver"):
         raise ValueError(f"dpm_solver: algorithm must be 'dpmsolver++' or 'dpmsolver', got {algorithm!r}")
-    orders = singlestep_orders(grid.steps, order)
+    orders = singlestep_orders(grid.steps, order, lower_order_final)
     x_start = x
     start = 0
     ms: list[Tensor] = []
@@ -115,18 +117,20 @@ def _singlestep_update(x: Tensor, ms: list[Tensor], lvs: list[Level], t: Level, 
 
 
 def _multistep_order(i: int, steps: int, order: int, history: int, lower_order_final: bool) -> int:
-    """diffusers' DPMSolverMultistep rule: warm up from order 1, first order on the last step,
-    at most second order on the one before it when there are fewer than 15 steps."""
+    """diffusers' DPMSolverMultistep rule: warm up from order 1; with ``lower_order_final`` and
+    fewer than 15 steps, first order on the last step and at most second order on the one before.
+    (A step into sigma = 0 is always the final denoise, whatever this says.)"""
     k = min(order, history + 1)
-    if i == steps - 1:
-        k = 1
-    elif lower_order_final and steps < 15 and i == steps - 2:
-        k = min(k, 2)
+    if lower_order_final and steps < 15:
+        if i == steps - 1:
+            k = 1
+        elif i == steps - 2:
+            k = min(k, 2)
     return k
 
 
 def _dpmpp_multistep(
-    x: Tensor, grid: Grid, order: int, lower_order_final: bool, callback: Callback | None
+    x: Tensor, grid: Grid, order: int, lower_order_final: bool, callback: Callback | None, variant: str = "exact"
 ) -> SolverGen:
     ms: list[Tensor] = []
     lvs: list[Level] = []
@@ -154,7 +158,10 @@ def _dpmpp_multistep(
                 d1_1 = (ms[-2] - ms[-3]) / r1
                 d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
                 d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
-                x = base + nxt.alpha * (phi1 / h + 1.0) * d1 - nxt.alpha * ((phi1 + h) / h**2 - 0.5) * d2
+                # D2 ~ h^2 x0''/2, whose exact weight is alpha' (1 - 2 (e^{-h} - 1 + h) / h^2). diffusers
+                # and k-diffusion use half of it (variant="diffusers"), which makes 3M second order.
+                c2 = 2.0 if variant == "exact" else 1.0
+                x = base + nxt.alpha * (phi1 / h + 1.0) * d1 - c2 * nxt.alpha * ((phi1 + h) / h**2 - 0.5) * d2
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x
@@ -180,10 +187,19 @@ def dpmpp_2m(
     "Lu et al. 2023, DPM-Solver++ (multistep, 3rd order, data prediction; the 3M update of "
     "DPM-Solver v2/diffusers)",
     order=3,
-    options=("lower_order_final",),
+    options=("lower_order_final", "variant"),
+    notes="variant='exact' (default) is third order; variant='diffusers' reproduces diffusers/k-diffusion, "
+    "whose D2 weight is half the exact one (second order in practice).",
 )
 def dpmpp_3m(
-    x: Tensor, grid: Grid, *, lower_order_final: bool = True, callback: Callback | None = None
+    x: Tensor,
+    grid: Grid,
+    *,
+    lower_order_final: bool = True,
+    variant: str = "exact",
+    callback: Callback | None = None,
 ) -> SolverGen:
     """DPM-Solver++(3M): third-order multistep with divided differences D1, D2 in lambda."""
-    return (yield from _dpmpp_multistep(x, grid, 3, lower_order_final, callback))
+    if variant not in ("exact", "diffusers"):
+        raise ValueError(f"dpmpp_3m: variant must be 'exact' or 'diffusers', got {variant!r}")
+    return (yield from _dpmpp_multistep(x, grid, 3, lower_order_final, callback, variant))
