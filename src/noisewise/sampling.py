@@ -122,7 +122,7 @@ def sample(
         name = sampler
     spec = get_sampler(name)
     _check_options(spec, sampler_options)
-    if spec.stochastic:
+    if spec.stochastic or "generator" in inspect.signature(spec.fn).parameters:  # e.g. ddim with eta > 0
         sampler_options["generator"] = generator
 
     if grid is None:
@@ -167,7 +167,7 @@ def sample(
         rows = calls * noise.shape[0]
     if check_finite and not bool(torch.isfinite(out).all()):
         raise FloatingPointError(
-            f"sampler {name!r} produced NaN/Inf; this is a bug in noisewise unless the model is unstable — please report"
+            f"sampler {name!r} produced NaN/Inf; unless the model is unstable this is a noisewise bug: please report"
         )
     out = out.to(noise.dtype)
     if return_info:

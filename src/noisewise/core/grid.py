@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -41,9 +41,13 @@ class Level:
 
 @dataclass(frozen=True)
 class Grid:
-    """Levels ``0 .. n`` of an ``n``-step solve; level ``n`` is the end (normally sigma = 0)."""
+    """Levels ``0 .. n`` of an ``n``-step solve; level ``n`` is the end (normally sigma = 0).
+
+    ``schedule`` (optional) is the schedule the levels come from; solvers that evaluate the model
+    between grid nodes (dpm_2, dpmpp_sde, dpm_adaptive ...) use it through :meth:`level_at`."""
 
     levels: tuple[Level, ...]
+    schedule: Schedule | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.levels) < 2:
@@ -85,11 +89,26 @@ class Grid:
     def model_times(self) -> list[float]:
         return [lv.model_time for lv in self.levels]
 
+    def level_at(self, lam: float) -> Level:
+        """The schedule's level at half-logSNR ``lam`` (model_time from ``inverse_lambda``)."""
+        if self.schedule is None:
+            raise ValueError(
+                "this sampler evaluates the model between grid levels and needs the schedule: build the grid "
+                "with make_grid / Grid.from_model_times, or pass schedule= to Grid.from_arrays"
+            )
+        t = self.schedule.inverse_lambda(torch.tensor([lam], dtype=_F64))
+        a, s, l = (float(f(t)[0]) for f in (self.schedule.alpha, self.schedule.sigma, self.schedule.lam))
+        return Level(a, s, l, float(t[0]))
+
     @staticmethod
     def from_arrays(
-        alphas: Sequence[float], sigmas: Sequence[float], model_times: Sequence[float]
+        alphas: Sequence[float],
+        sigmas: Sequence[float],
+        model_times: Sequence[float],
+        schedule: Schedule | None = None,
     ) -> Grid:
-        """A grid from explicit per-level values (the last level is where sampling ends)."""
+        """A grid from explicit per-level values (the last level is where sampling ends); pass the
+        ``schedule`` they come from for samplers that evaluate between levels."""
         if not len(alphas) == len(sigmas) == len(model_times):
             raise ValueError("alphas, sigmas and model_times must have the same length")
         levels = []
@@ -97,7 +116,7 @@ class Grid:
             a, s = float(a), float(s)
             lam = math.inf if s == 0 else (-math.inf if a == 0 else math.log(a) - math.log(s))
             levels.append(Level(a, s, lam, float(t)))
-        return Grid(tuple(levels))
+        return Grid(tuple(levels), schedule)
 
     @staticmethod
     def from_model_times(
@@ -127,7 +146,7 @@ class Grid:
             raise ValueError(f"final must be 'zero' or 'none', got {final!r}")
         if len(levels) < 2:
             raise ValueError("one level is not a grid: with final='none' give at least two model times")
-        return Grid(tuple(levels))
+        return Grid(tuple(levels), schedule)
 
 
 def make_grid(

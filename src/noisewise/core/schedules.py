@@ -280,8 +280,8 @@ class DiscreteVP(Schedule):
         phi_from_lam = torch.atan(torch.exp(-lam))
         phi = torch.where(finite, phi_from_lam, phi_lin)
         # exact values at integer steps (no round-off from the detour through lambda)
-        exact = w == 0
-        return torch.where(exact, self._phi[lo], phi)
+        phi = torch.where(w == 1, self._phi[lo + 1], phi)
+        return torch.where(w == 0, self._phi[lo], phi)
 
     def alpha(self, t: Any) -> torch.Tensor:
         phi = self._phi_at(t)
@@ -301,6 +301,7 @@ class DiscreteVP(Schedule):
         phi = self._phi_at(t)
         via_phi = torch.log(torch.cos(phi).clamp(min=0)) - torch.log(torch.sin(phi))
         out = torch.where(finite, lin, via_phi)
+        out = torch.where(w == 1, self._lam[lo + 1], out)
         return torch.where(w == 0, self._lam[lo], out)
 
     def inverse_lambda(self, lam: Any) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from .schedules import DiscreteVP, RectifiedFlow, Schedule
+from .schedules import DiscreteVP, Schedule
 
 SpacingName = Literal[
     "leading",
@@ -121,9 +121,8 @@ def linspace(schedule: Schedule, n: int) -> torch.Tensor:
     return torch.linspace(schedule.t_max, schedule.t_min, n, dtype=_F64)
 
 
-def _from_ve_sigmas(schedule: Schedule, sigmas: torch.Tensor, top_exact: bool) -> torch.Tensor:
-    ts = schedule.inverse_lambda(-torch.log(sigmas))
-    return ts
+def _from_ve_sigmas(schedule: Schedule, sigmas: torch.Tensor) -> torch.Tensor:
+    return schedule.inverse_lambda(-torch.log(sigmas))
 
 
 def _sigma_range(
@@ -145,10 +144,10 @@ def karras(
     in the VE sigma ``sigma/alpha``, from the schedule's sigma_max to sigma_min."""
     smin, smax = _sigma_range(schedule, sigma_min, sigma_max)
     if n == 1:
-        return _from_ve_sigmas(schedule, torch.tensor([smax], dtype=_F64), True)
+        return _from_ve_sigmas(schedule, torch.tensor([smax], dtype=_F64))
     ramp = torch.linspace(0, 1, n, dtype=_F64)
     a, b = smax ** (1 / rho), smin ** (1 / rho)
-    return _from_ve_sigmas(schedule, (a + ramp * (b - a)) ** rho, True)
+    return _from_ve_sigmas(schedule, (a + ramp * (b - a)) ** rho)
 
 
 @_register
@@ -158,9 +157,9 @@ def exponential(
     """Uniform in log VE sigma from sigma_max to sigma_min (k-diffusion ``get_sigmas_exponential``)."""
     smin, smax = _sigma_range(schedule, sigma_min, sigma_max)
     if n == 1:
-        return _from_ve_sigmas(schedule, torch.tensor([smax], dtype=_F64), True)
+        return _from_ve_sigmas(schedule, torch.tensor([smax], dtype=_F64))
     sig = torch.exp(torch.linspace(math.log(smax), math.log(smin), n, dtype=_F64))
-    return _from_ve_sigmas(schedule, sig, True)
+    return _from_ve_sigmas(schedule, sig)
 
 
 @_register
@@ -228,7 +227,7 @@ def beta(
     q = 1.0 - torch.linspace(0, 1, n, dtype=_F64)
     u = _beta_ppf(q, a, b)
     sig = smin + u * (smax - smin)
-    return _from_ve_sigmas(schedule, sig, True)
+    return _from_ve_sigmas(schedule, sig)
 
 
 def apply_shift(schedule: Schedule, ts: torch.Tensor, shift: float) -> torch.Tensor:
@@ -265,5 +264,4 @@ __all__ = [
     "lambda_range",
     "apply_shift",
     "resolve_spacing",
-    "RectifiedFlow",
 ]

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..core.grid import Grid, Level
+from ..core.grid import Level
 
 Tensor = torch.Tensor
 SolverGen = Generator[tuple[Tensor, Level], Tensor, Tensor]

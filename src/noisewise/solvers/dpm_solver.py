@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ..core.grid import Grid, Level
 from .base import (
     Callback,
     SolverGen,
@@ -20,7 +21,6 @@ from .base import (
     register,
     to_final,
 )
-from ..core.grid import Grid, Level
 
 Algorithm = str  # "dpmsolver++" (data prediction) or "dpmsolver" (noise prediction)
 
@@ -55,7 +55,7 @@ def singlestep_orders(steps: int, order: int, lower_order_final: bool = True) ->
     "Around 10 Steps (Algorithms 1-2, single-step order 1-3); data-prediction form by default "
     "(Lu et al. 2023, DPM-Solver++)",
     order=None,
-    options=("order", "algorithm", "lower_order_final"),
+    options=("order", "algorithm", "lower_order_final", "max_step_ratio"),
     notes="Intermediate points of each order-k group are grid nodes: one evaluation per step.",
 )
 def dpm_solver(
@@ -65,6 +65,7 @@ def dpm_solver(
     order: int = 2,
     algorithm: Algorithm = "dpmsolver++",
     lower_order_final: bool = True,
+    max_step_ratio: float | None = 3.0,
     callback: Callback | None = None,
 ) -> SolverGen:
     """Single-step DPM-Solver-k: steps are grouped (1, 2, .., k); the k-th step of a group goes
@@ -87,8 +88,11 @@ def dpm_solver(
         s = grid[start]
         if nxt.sigma == 0.0:
             x = to_final(x0, nxt)
-        elif k == 1 or s.alpha == 0.0:
-            # first order from the group start (exact DDIM limit out of alpha = 0)
+        elif k == 1 or s.alpha == 0.0 or (
+            max_step_ratio is not None and (nxt.lam - cur.lam) > max_step_ratio * (cur.lam - grid[i - 1].lam)
+        ):
+            # first order: a new group, a group out of alpha = 0 (the exact DDIM limit), or a last
+            # sub-step so much longer than the one before that extrapolating would overshoot
             x = ddim_step(x, x0, cur, nxt)
         else:
             x = _singlestep_update(x_start, ms, [grid[j] for j in range(start, i + 1)], nxt, algorithm)
@@ -130,7 +134,13 @@ def _multistep_order(i: int, steps: int, order: int, history: int, lower_order_f
 
 
 def _dpmpp_multistep(
-    x: Tensor, grid: Grid, order: int, lower_order_final: bool, callback: Callback | None, variant: str = "exact"
+    x: Tensor,
+    grid: Grid,
+    order: int,
+    lower_order_final: bool,
+    callback: Callback | None,
+    variant: str = "exact",
+    max_step_ratio: float | None = 3.0,
 ) -> SolverGen:
     ms: list[Tensor] = []
     lvs: list[Level] = []
@@ -141,6 +151,12 @@ def _dpmpp_multistep(
         # history usable for higher order: previous points with finite lambda
         usable = sum(1 for lv in lvs[:-1] if math.isfinite(lv.lam))
         k = _multistep_order(i, grid.steps, order, usable, lower_order_final)
+        if k > 1 and max_step_ratio is not None and nxt.sigma > 0 and usable:
+            # Extrapolating the history over a step much longer than the last one amplifies its
+            # differences by (h / h_prev)^(k-1): on such grids (e.g. 'beta' spacing on a wide sigma
+            # range) take the first-order step, which cannot overshoot.
+            if (nxt.lam - cur.lam) > max_step_ratio * (cur.lam - lvs[-2].lam):
+                k = 1
         if nxt.sigma == 0.0:
             x = to_final(x0, nxt)
         elif k == 1 or cur.alpha == 0.0:
@@ -172,14 +188,21 @@ def _dpmpp_multistep(
     "Lu et al. 2023, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, "
     "Algorithm 2 (multistep, 2nd order, data prediction)",
     order=2,
-    options=("lower_order_final",),
+    options=("lower_order_final", "max_step_ratio"),
+    notes="max_step_ratio (default 3): a step longer than that many times the previous one (in lambda) "
+    "is taken at first order; None disables the guard (diffusers' behaviour).",
 )
 def dpmpp_2m(
-    x: Tensor, grid: Grid, *, lower_order_final: bool = True, callback: Callback | None = None
+    x: Tensor,
+    grid: Grid,
+    *,
+    lower_order_final: bool = True,
+    max_step_ratio: float | None = 3.0,
+    callback: Callback | None = None,
 ) -> SolverGen:
     """DPM-Solver++(2M): ``x' = (s'/s) x - alpha' (e^{-h}-1) (D0 + (D0 - D_prev) / (2 r))``,
     ``r = h_prev / h``."""
-    return (yield from _dpmpp_multistep(x, grid, 2, lower_order_final, callback))
+    return (yield from _dpmpp_multistep(x, grid, 2, lower_order_final, callback, "exact", max_step_ratio))
 
 
 @register(
@@ -187,7 +210,7 @@ def dpmpp_2m(
     "Lu et al. 2023, DPM-Solver++ (multistep, 3rd order, data prediction; the 3M update of "
     "DPM-Solver v2/diffusers)",
     order=3,
-    options=("lower_order_final", "variant"),
+    options=("lower_order_final", "variant", "max_step_ratio"),
     notes="variant='exact' (default) is third order; variant='diffusers' reproduces diffusers/k-diffusion, "
     "whose D2 weight is half the exact one (second order in practice).",
 )
@@ -197,9 +220,10 @@ def dpmpp_3m(
     *,
     lower_order_final: bool = True,
     variant: str = "exact",
+    max_step_ratio: float | None = 3.0,
     callback: Callback | None = None,
 ) -> SolverGen:
     """DPM-Solver++(3M): third-order multistep with divided differences D1, D2 in lambda."""
     if variant not in ("exact", "diffusers"):
         raise ValueError(f"dpmpp_3m: variant must be 'exact' or 'diffusers', got {variant!r}")
-    return (yield from _dpmpp_multistep(x, grid, 3, lower_order_final, callback, variant))
+    return (yield from _dpmpp_multistep(x, grid, 3, lower_order_final, callback, variant, max_step_ratio))

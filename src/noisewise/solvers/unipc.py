@@ -37,7 +37,7 @@ def _solve(rks: list[float], b: list[float]) -> list[float]:
     "Zhao et al. 2023, UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion "
     "Models (UniP-p predictor + UniC corrector, Algorithms 2-3, B(h) = bh1 or bh2)",
     order=None,
-    options=("order", "variant", "lower_order_final", "disable_corrector"),
+    options=("order", "variant", "lower_order_final", "disable_corrector", "max_step_ratio"),
     notes="The corrector reuses the next step's evaluation: one evaluation per step, order+1 accuracy.",
 )
 def unipc(
@@ -48,6 +48,7 @@ def unipc(
     variant: str = "bh2",
     lower_order_final: bool = True,
     disable_corrector: tuple[int, ...] = (),
+    max_step_ratio: float | None = 3.0,
     callback: Callback | None = None,
 ) -> SolverGen:
     """UniPC-p with B(h) = h (``bh1``) or e^h - 1 (``bh2``). Each step first corrects the state it
@@ -70,6 +71,10 @@ def unipc(
         ms, lvs = (ms + [x0])[-order:], (lvs + [cur])[-order:]
         k = min(order, steps - i) if lower_order_final else order
         this_order = min(k, len(ms))
+        if this_order > 1 and max_step_ratio is not None and nxt.sigma > 0:
+            # a step much longer than the last one would amplify the extrapolated differences
+            if (nxt.lam - cur.lam) > max_step_ratio * (cur.lam - lvs[-2].lam):
+                this_order = 1
         last_x = x
         # UniP: predict the next state.
         if nxt.sigma == 0.0:
