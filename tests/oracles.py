@@ -22,7 +22,13 @@ def k_sampling():
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
     root = list(spec.submodule_search_locations)[0]
+    try:  # import diffusers first: it probes torchvision with find_spec, which a stand-in would confuse
+        import diffusers  # noqa: F401
+    except ImportError:
+        pass
+    stubbed = False
     if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+        stubbed = True
         tv = types.ModuleType("torchvision")
         tv.transforms = types.ModuleType("torchvision.transforms")
         tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
@@ -45,4 +51,7 @@ def k_sampling():
         sys.modules[full] = mod
         s.loader.exec_module(mod)
         setattr(sys.modules["k_diffusion"], name, mod)
+    if stubbed:  # the stand-in was needed only while utils.py was imported
+        for m in ("torchvision.transforms.functional", "torchvision.transforms", "torchvision"):
+            sys.modules.pop(m, None)
     return sys.modules["k_diffusion.sampling"]

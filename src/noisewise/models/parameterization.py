@@ -37,13 +37,14 @@ def to_x0(pred: Tensor, x: Tensor, alpha: float, sigma: float, prediction_type: 
                 "t = T-1): start below that level (spacing 'leading'/'linspace', or a sigma spacing) or use a "
                 "v_prediction model"
             )
-        return (x - sigma * pred) / alpha
+        return torch.add(x, pred, alpha=-sigma).mul_(1.0 / alpha)
     if prediction_type == "v_prediction":
-        return (alpha * x - sigma * pred) / (alpha * alpha + sigma * sigma)
+        n = alpha * alpha + sigma * sigma
+        return torch.add(x * (alpha / n), pred, alpha=-sigma / n)
     if prediction_type == "sample":
         return pred
     if prediction_type == "flow":
-        return (x - sigma * pred) / (alpha + sigma)
+        return torch.add(x, pred, alpha=-sigma).mul_(1.0 / (alpha + sigma))
     raise ValueError(check_prediction_type(prediction_type))
 
 

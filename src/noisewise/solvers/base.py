@@ -117,13 +117,23 @@ def to_final(x0: Tensor, nxt: Level) -> Tensor:
     return x0 * nxt.alpha if nxt.alpha != 1.0 else x0
 
 
+def lincomb(x: Tensor, a: float, *terms: tuple[Tensor, float]) -> Tensor:
+    """``a x + sum(c t)`` with one new tensor and one fused multiply-add per term: the solvers
+    compute their coefficients as Python floats (float64, on the host) and combine tensors here."""
+    out = x * a
+    for t, c in terms:
+        if c != 0.0:
+            out.add_(t, alpha=c)
+    return out
+
+
 def ddim_step(x: Tensor, x0: Tensor, cur: Level, nxt: Level) -> Tensor:
     """First-order exponential-integrator step (DDIM, eta = 0) in data-prediction form:
     ``x' = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) x0``. Exact at alpha = 0 and sigma' = 0."""
     if nxt.sigma == 0.0:
         return to_final(x0, nxt)
     ratio = nxt.sigma / cur.sigma
-    return ratio * x + (nxt.alpha - cur.alpha * ratio) * x0
+    return lincomb(x, ratio, (x0, nxt.alpha - cur.alpha * ratio))
 
 
 def h_of(cur: Level, nxt: Level) -> float:

@@ -18,6 +18,7 @@ from .base import (
     Tensor,
     check_order,
     ddim_step,
+    lincomb,
     register,
     to_final,
 )
@@ -109,15 +110,14 @@ def _singlestep_update(x: Tensor, ms: list[Tensor], lvs: list[Level], t: Level, 
     r = (lvs[-1].lam - s.lam) / h
     if algorithm == "dpmsolver++":
         phi1 = math.expm1(-h)  # e^{-h} - 1
-        base = (t.sigma / s.sigma) * x - t.alpha * phi1 * ms[0]
-        if len(ms) == 2:
-            return base - 0.5 * t.alpha * phi1 * (ms[1] - ms[0]) / r
-        return base + t.alpha * (phi1 / h + 1.0) * (ms[2] - ms[0]) / r
-    phi1 = math.expm1(h)  # e^{h} - 1
-    base = (t.alpha / s.alpha) * x - t.sigma * phi1 * ms[0]
-    if len(ms) == 2:
-        return base - 0.5 * t.sigma * phi1 * (ms[1] - ms[0]) / r
-    return base - t.sigma * (phi1 / h - 1.0) * (ms[2] - ms[0]) / r
+        scale, w0 = t.sigma / s.sigma, -t.alpha * phi1
+        # order 2: - a' phi1 (m1 - m0) / (2 r);  order 3: + a' (phi1 / h + 1) (m2 - m0) / r
+        c = -0.5 * t.alpha * phi1 / r if len(ms) == 2 else t.alpha * (phi1 / h + 1.0) / r
+    else:
+        phi1 = math.expm1(h)  # e^{h} - 1
+        scale, w0 = t.alpha / s.alpha, -t.sigma * phi1
+        c = -0.5 * t.sigma * phi1 / r if len(ms) == 2 else -t.sigma * (phi1 / h - 1.0) / r
+    return lincomb(x, scale, (ms[0], w0 - c), (ms[-1], c))
 
 
 def _multistep_order(i: int, steps: int, order: int, history: int, lower_order_final: bool) -> int:
@@ -162,22 +162,32 @@ def _dpmpp_multistep(
         elif k == 1 or cur.alpha == 0.0:
             x = ddim_step(x, x0, cur, nxt)
         else:
+            # x' = (s'/s) x - a' phi1 D0 + [2M] -a' phi1 D1/2 | [3M] a' phi2 D1 - c2 a' phi3 D2, with
+            # D1, D2 divided differences of the data predictions in lambda; the weights of the
+            # individual predictions are folded into floats so the update is a single lincomb.
             h = nxt.lam - cur.lam
             phi1 = math.expm1(-h)
-            base = (nxt.sigma / cur.sigma) * x - nxt.alpha * phi1 * x0
             r0 = (cur.lam - lvs[-2].lam) / h
-            d1_0 = (x0 - ms[-2]) / r0
+            w0, w1, w2 = -nxt.alpha * phi1, 0.0, 0.0  # weights of x0, ms[-2], ms[-3]
             if k == 2:
-                x = base - 0.5 * nxt.alpha * phi1 * d1_0
+                c = -0.5 * nxt.alpha * phi1 / r0  # times d1_0 = (x0 - m1) / r0
+                w0, w1 = w0 + c, -c
             else:
                 r1 = (lvs[-2].lam - lvs[-3].lam) / h
-                d1_1 = (ms[-2] - ms[-3]) / r1
-                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+                # d1_0 = (x0 - m1)/r0, d1_1 = (m1 - m2)/r1,
+                # d1 = d1_0 + r0/(r0+r1) (d1_0 - d1_1), d2 = (d1_0 - d1_1)/(r0+r1)
                 # D2 ~ h^2 x0''/2, whose exact weight is alpha' (1 - 2 (e^{-h} - 1 + h) / h^2). diffusers
                 # and k-diffusion use half of it (variant="diffusers"), which makes 3M second order.
                 c2 = 2.0 if variant == "exact" else 1.0
-                x = base + nxt.alpha * (phi1 / h + 1.0) * d1 - c2 * nxt.alpha * ((phi1 + h) / h**2 - 0.5) * d2
+                p1 = nxt.alpha * (phi1 / h + 1.0)
+                p2 = -c2 * nxt.alpha * ((phi1 + h) / h**2 - 0.5)
+                a_d10 = p1 * (1 + r0 / (r0 + r1)) + p2 / (r0 + r1)  # weight of d1_0
+                a_d11 = -p1 * r0 / (r0 + r1) - p2 / (r0 + r1)  # weight of d1_1
+                w0 += a_d10 / r0
+                w1 += -a_d10 / r0 + a_d11 / r1
+                w2 += -a_d11 / r1
+            terms = [(x0, w0), (ms[-2], w1)] + ([(ms[-3], w2)] if k == 3 else [])
+            x = lincomb(x, nxt.sigma / cur.sigma, *terms)
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x

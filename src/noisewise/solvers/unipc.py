@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..core.grid import Grid, Level
-from .base import Callback, SolverGen, StepInfo, Tensor, check_order, ddim_step, register, to_final
+from .base import Callback, SolverGen, StepInfo, Tensor, check_order, ddim_step, lincomb, register, to_final
 
 
 def _coefficients(rks: list[float], h: float, order: int, variant: str) -> tuple[float, float, list[float]]:
@@ -27,9 +25,21 @@ def _coefficients(rks: list[float], h: float, order: int, variant: str) -> tuple
 
 
 def _solve(rks: list[float], b: list[float]) -> list[float]:
+    """Solve ``sum_j rks[j]**i rho_j = b[i]`` (i = 0 .. n-1; n <= 3) by Gaussian elimination in
+    Python floats: no tensor, no device, exact to float64 round-off."""
     n = len(b)
-    R = torch.tensor([[rk ** (i) for rk in rks[:n]] for i in range(n)], dtype=torch.float64)
-    return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+    A = [[rks[j] ** i for j in range(n)] + [b[i]] for i in range(n)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(A[r][c]))
+        A[c], A[p] = A[p], A[c]
+        for r in range(c + 1, n):
+            f = A[r][c] / A[c][c]
+            for k in range(c, n + 1):
+                A[r][k] -= f * A[c][k]
+    rho = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        rho[r] = (A[r][n] - sum(A[r][k] * rho[k] for k in range(r + 1, n))) / A[r][r]
+    return rho
 
 
 @register(
@@ -90,23 +100,35 @@ def unipc(
     return x
 
 
-def _predictor(x: Tensor, ms: list[Tensor], lvs: list[Level], t: Level, order: int, variant: str) -> Tensor:
+def _update(
+    x: Tensor, ms: list[Tensor], lvs: list[Level], t: Level, order: int, variant: str, m_t: Tensor | None
+) -> Tensor:
+    """The UniPC update from ``lvs[-1]`` to ``t`` (eq. 8 of the paper, data prediction):
+    ``x_t = (s_t/s_0) x - a_t phi1 m0 - a_t B(h) sum_k rho_k D_k`` with ``D_k = (m_k - m0) / r_k``
+    over the history (predictor, UniP), plus ``rho_t (m_t - m0)`` for the corrector (UniC)."""
     s0, m0 = lvs[-1], ms[-1]
     h = t.lam - s0.lam
-    rks, d1s = [], []
-    for k in range(1, order):
-        rk = (lvs[-(k + 1)].lam - s0.lam) / h
-        rks.append(rk)
-        d1s.append((ms[-(k + 1)] - m0) / rk)
-    rks.append(1.0)
+    rks = [(lvs[-(k + 1)].lam - s0.lam) / h for k in range(1, order)] + [1.0]
     h_phi_1, b_h, b = _coefficients(rks, h, order, variant)
-    x_t = (t.sigma / s0.sigma) * x - t.alpha * h_phi_1 * m0
-    if order == 2:
-        rhos = [0.5]
-    else:
-        rhos = _solve(rks[:-1], b[:-1])
-    res = sum(r * d for r, d in zip(rhos, d1s))
-    return x_t - t.alpha * b_h * res
+    if m_t is None:  # UniP: order-1 history terms; order 2 uses rho = 1/2 as the paper
+        rhos = [] if order == 1 else ([0.5] if order == 2 else _solve(rks[:-1], b[:-1]))
+    else:  # UniC: the history terms plus the new evaluation
+        rhos = [0.5] if order == 1 else _solve(rks, b)
+    w0 = -t.alpha * h_phi_1
+    terms: list[tuple[Tensor, float]] = []
+    for k, (rho, rk) in enumerate(zip(rhos, rks[: order - 1]), start=1):
+        c = -t.alpha * b_h * rho / rk
+        terms.append((ms[-(k + 1)], c))
+        w0 -= c
+    if m_t is not None:
+        c = -t.alpha * b_h * rhos[-1]
+        terms.append((m_t, c))
+        w0 -= c
+    return lincomb(x, t.sigma / s0.sigma, (m0, w0), *terms)
+
+
+def _predictor(x: Tensor, ms: list[Tensor], lvs: list[Level], t: Level, order: int, variant: str) -> Tensor:
+    return _update(x, ms, lvs, t, order, variant, None)
 
 
 def _corrector(
@@ -114,17 +136,4 @@ def _corrector(
 ) -> Tensor:
     """UniC: re-do the step s0 -> t that produced the current state ``t`` from ``x`` (the state at
     s0), now also using the evaluation ``m_t`` made at the predicted state."""
-    s0, m0 = lvs[-1], ms[-1]
-    h = t.lam - s0.lam
-    rks, d1s = [], []
-    for k in range(1, order):
-        lv = lvs[-(k + 1)]
-        rk = (lv.lam - s0.lam) / h
-        rks.append(rk)
-        d1s.append((ms[-(k + 1)] - m0) / rk)
-    rks.append(1.0)
-    h_phi_1, b_h, b = _coefficients(rks, h, order, variant)
-    rhos = [0.5] if order == 1 else _solve(rks, b)
-    x_t = (t.sigma / s0.sigma) * x - t.alpha * h_phi_1 * m0
-    res = sum(r * d for r, d in zip(rhos[:-1], d1s))
-    return x_t - t.alpha * b_h * (res + rhos[-1] * (m_t - m0))
+    return _update(x, ms, lvs, t, order, variant, m_t)
