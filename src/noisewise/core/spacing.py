@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from .schedules import DiscreteVP, Schedule
@@ -103,10 +104,15 @@ def leading(schedule: Schedule, n: int, steps_offset: int = 0) -> torch.Tensor:
 
 @_register
 def trailing(schedule: Schedule, n: int) -> torch.Tensor:
-    """diffusers 'trailing' (Lin et al. 2023): ``round(T - i T / n) - 1``; always starts at T - 1."""
+    """diffusers 'trailing' (Lin et al. 2023): ``round(T - i T / n) - 1``; always starts at T - 1.
+
+    Computed as diffusers does (``np.arange(T, 0, -T / n).round()``), so where ``T - i T / n`` is a
+    tie (x.5) the float error of arange picks the same integer as diffusers. For some n (61, 103 ..)
+    that arange yields n + 1 values, the last being -1; diffusers then runs n + 1 steps, the last at
+    timestep -1 (the noisiest alphas_cumprod entry); here the first n are kept."""
     s = _require_discrete(schedule, "trailing")
     T = s.num_train_timesteps
-    ts = torch.round(torch.tensor([T - i * T / n for i in range(n)], dtype=_F64)) - 1
+    ts = torch.from_numpy(np.arange(T, 0, -T / n).round()[:n].astype(np.float64)) - 1
     return ts.clamp(min=0)
 
 
@@ -115,7 +121,8 @@ def linspace(schedule: Schedule, n: int) -> torch.Tensor:
     """Uniform in model_time. Discrete: diffusers DDIM's ``linspace(0, T-1, n).round()`` reversed.
     Flow: ``linspace(t_max, 0, n + 1)`` without its final 0 (Flux/SD3 before shifting)."""
     if isinstance(schedule, DiscreteVP):
-        return torch.linspace(0, schedule.t_max, n, dtype=_F64).round().flip(0)
+        # numpy's linspace, as diffusers: its round-off decides ties (999 * 13 / 26 -> 499, not 500)
+        return torch.from_numpy(np.linspace(0, schedule.t_max, n).round()[::-1].copy())
     if _ends_at_zero(schedule):
         return torch.linspace(schedule.t_max, schedule.t_min, n + 1, dtype=_F64)[:-1]
     return torch.linspace(schedule.t_max, schedule.t_min, n, dtype=_F64)
