@@ -94,3 +94,18 @@ def test_exact_ode_from_alpha_zero_to_sigma_zero():
     exact = GMM.ode_solution(x, g[0], g[-1])
     out = nw.sample(None, x, grid=g, sampler="dpmpp_3m", denoiser=GMM.denoiser())
     assert float((out - exact).norm(dim=1).max()) < 2e-3
+
+
+def test_diffusers_3m_weight_is_only_second_order(setting):
+    """The D2 weight diffusers/k-diffusion use (variant='diffusers') is half the exact one: their
+    DPM-Solver++(3M) converges at second order, ours (the default 'exact' variant) at third."""
+    s, x, exact = setting
+    slopes = {}
+    for variant in ("exact", "diffusers"):
+        errs = []
+        for n in (32, 64, 128):
+            gen = nw.get_sampler("dpmpp_3m").fn(x.clone(), _grid(s, n), variant=variant)
+            out, _ = nw.run(gen, GMM.denoiser())
+            errs.append(float((out - exact).norm(dim=1).max()))
+        slopes[variant] = math.log2(errs[1] / errs[2])
+    assert slopes["exact"] > 2.75 and 1.6 < slopes["diffusers"] < 2.4, slopes

@@ -159,7 +159,8 @@ def sample(
             model, pt, model_kwargs=model_kwargs, model_dtype=model_dtype, check_finite=check_finite
         )
     gen = spec.fn(x, grid, callback=callback, **sampler_options)
-    out, calls = run(gen, denoiser)
+    with torch.no_grad():  # sampling never needs the autograd graph
+        out, calls = run(gen, denoiser)
     if isinstance(denoiser, ModelDenoiser):
         denoiser.raise_if_nonfinite()
         rows = denoiser.rows
