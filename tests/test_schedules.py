@@ -127,3 +127,22 @@ def test_bad_schedule_input():
         nw.DiscreteVP(prediction_type="eps")
     with pytest.raises(ValueError):
         nw.RectifiedFlow(shift=0.0)
+
+
+def test_discrete_inverse_lambda_is_exact_inverse_everywhere():
+    for s in (nw.DiscreteVP(), nw.DiscreteVP(rescale_betas_zero_snr=True)):
+        t = torch.cat([torch.arange(0, 1000, dtype=F64), torch.rand(500, dtype=F64) * 999])
+        back = s.inverse_lambda(s.lam(t))
+        finite = torch.isfinite(s.lam(t))
+        assert torch.allclose(back[finite], t[finite], atol=1e-8)
+        assert float(s.inverse_lambda(torch.tensor(1e6, dtype=F64))) == 0.0
+        assert float(s.inverse_lambda(torch.tensor(-1e6, dtype=F64))) == 999.0
+
+
+def test_grids_are_cached_per_schedule_and_shift():
+    s = nw.RectifiedFlow(shift=3.0)
+    g1 = nw.make_grid(s, 10, "linspace")
+    assert nw.make_grid(s, 10, "linspace") is g1
+    assert nw.make_grid(s, 10, "linspace", shift=1.0) is not g1
+    s.shift = 2.0  # a changed schedule does not get a stale grid
+    assert nw.make_grid(s, 10, "linspace").model_times != g1.model_times

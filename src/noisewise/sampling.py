@@ -12,15 +12,20 @@ import torch
 
 from .core.grid import Grid, make_grid
 from .core.schedules import Schedule
+from .guidance.guided import GuidedDenoiser
 from .models.denoiser import ModelDenoiser
 from .solvers.base import Callback, SamplerSpec, get_sampler, run
 
 Tensor = torch.Tensor
+DEFAULT_STIFF_GUARD = 0.5  # stiffness guard of the multistep solvers under guidance (docs/guidance.md)
 
 
 @dataclass(frozen=True)
 class SampleResult:
-    """A sample and what it cost: ``nfe`` network calls carrying ``rows`` batch rows in all."""
+    """A sample and what it cost: ``nfe`` network evaluations carrying ``rows`` batch rows in all.
+
+    With guidance, each branch counts: a guided step costs 2 NFE (cond + uncond) even though both go
+    through the network in one batched call; ``calls`` is the number of forward passes made."""
 
     x: Tensor
     nfe: int
@@ -28,15 +33,37 @@ class SampleResult:
     grid: Grid
     sampler: str
     steps: int
+    calls: int | None = None
 
 
-def recommended(schedule: Schedule, nfe: int | None) -> tuple[str, dict[str, Any], str]:
-    """The default (sampler, options, spacing) for a budget; chosen from docs/benchmarks.md."""
-    spacing = schedule.default_spacing
+# The recommended default per budget, read off docs/benchmarks/samplers.md (exact Gaussian mixture,
+# error against the exact ODE solution): at every measured NFE (5, 6, 8, 10, 15, 20) the entry here
+# is at least as accurate as the best diffusers or k-diffusion configuration in the same run.
+# (max NFE of the row, sampler, options, spacing)
+_RECOMMENDED_VP: tuple[tuple[int, str, dict[str, Any], str], ...] = (
+    (6, "dpm_solver", {"order": 3}, "time_quadratic"),
+    (12, "unipc", {"order": 2, "variant": "bh2"}, "uniform_lambda"),
+    (17, "unipc", {"order": 2, "variant": "bh1"}, "uniform_lambda"),
+    (10**9, "unipc", {"order": 3, "variant": "bh2"}, "time_quadratic"),
+)
+_RECOMMENDED_FLOW: tuple[tuple[int, str, dict[str, Any], str], ...] = (
+    (5, "dpm_solver", {"order": 2}, "time_quadratic"),
+    (10**9, "dpm_solver", {"order": 3}, "time_quadratic"),
+)
+
+
+def recommended(schedule: Schedule | None, nfe: int | None) -> tuple[str, dict[str, Any], str | None]:
+    """The default ``(sampler, options, spacing)`` for a budget of ``nfe`` model evaluations
+    (20 when None). Flow schedules and the rest (VP, VE) have separate tables; see
+    ``docs/samplers.md#the-recommended-default``."""
+    from .core.schedules import RectifiedFlow
+
     n = 20 if nfe is None else nfe
-    if n <= 4:
-        return "dpmpp_2m", {}, spacing
-    return "unipc", {"order": 2, "variant": "bh2"}, spacing
+    table = _RECOMMENDED_FLOW if isinstance(schedule, RectifiedFlow) else _RECOMMENDED_VP
+    for max_nfe, name, opts, spacing in table:
+        if n <= max_nfe:
+            return name, dict(opts), spacing if schedule is not None else None
+    raise AssertionError("unreachable")
 
 
 def _check_noise(noise: Any) -> Tensor:
@@ -78,6 +105,12 @@ def sample(
     denoiser: Callable[[Tensor, Any], Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     model_dtype: torch.dtype | None = None,
+    cond: Any = None,
+    uncond: Any = None,
+    negative: Any = None,
+    guidance_scale: float | Tensor | None = None,
+    guidance: Any = None,
+    max_batch: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: Callback | None = None,
     check_finite: bool = True,
@@ -103,6 +136,15 @@ def sample(
         generator: one ``torch.Generator`` per sample for stochastic samplers.
         callback: called after every step with a :class:`StepInfo` ``(i, level, x, x0)``.
         return_info: return a :class:`SampleResult` (x, nfe, rows, grid ...) instead of a tensor.
+        cond / uncond: conditioning for classifier-free guidance, batch-aligned (batch 1 is shared);
+            the network is called as ``model(x, model_time, cond)`` with both branches concatenated
+            (or ``denoiser(x, level, cond) -> x0``). See ``docs/guidance.md``.
+        negative: a negative conditioning that replaces ``uncond`` (None or empty: ``uncond``).
+        guidance_scale: ``w``, a number or one per sample (default 1: the conditional model, no
+            unconditional rows).
+        guidance: guidance options: a name, an option (``nw.APG()``), a dict or a list of them;
+            see :func:`noisewise.guidance_methods`.
+        max_batch: at most this many rows per network call (cond + uncond rows are split only then).
         **sampler_options: e.g. ``order=3`` for unipc/dpm_solver.
     """
     noise = _check_noise(noise)
@@ -114,8 +156,7 @@ def sample(
     if grid is None and schedule is None:
         raise ValueError("pass schedule= (e.g. noisewise.Schedule.from_diffusers(config)) or an explicit grid=")
     if sampler is None:
-        name, defaults, default_spacing = recommended(schedule, nfe if nfe is not None else steps) if schedule \
-            else ("unipc", {}, None)
+        name, defaults, default_spacing = recommended(schedule, nfe if nfe is not None else steps)
         sampler_options = {**defaults, **sampler_options}
         spacing = default_spacing if spacing is None else spacing
     else:
@@ -158,10 +199,27 @@ def sample(
         denoiser = ModelDenoiser(
             model, pt, model_kwargs=model_kwargs, model_dtype=model_dtype, check_finite=check_finite
         )
+    if any(v is not None for v in (cond, uncond, negative, guidance_scale, guidance)):
+        denoiser = GuidedDenoiser(
+            denoiser, cond=cond, uncond=uncond, negative=negative,
+            guidance_scale=1.0 if guidance_scale is None else guidance_scale, guidance=guidance,
+            max_batch=max_batch, batch=noise.shape[0],
+        )
+    elif max_batch is not None:
+        raise ValueError("max_batch= splits the guidance branches; it needs cond= (and uncond=)")
+    guided = denoiser if isinstance(denoiser, GuidedDenoiser) else None
+    if guided is not None:
+        guided.bind(grid)
+        if "stiff_guard" in inspect.signature(spec.fn).parameters and "stiff_guard" not in sampler_options:
+            sampler_options["stiff_guard"] = DEFAULT_STIFF_GUARD  # guidance can make the ODE stiff
     gen = spec.fn(x, grid, callback=callback, **sampler_options)
     with torch.no_grad():  # sampling never needs the autograd graph
         out, calls = run(gen, denoiser)
-    if isinstance(denoiser, ModelDenoiser):
+    passes = calls
+    if guided is not None:
+        guided.raise_if_nonfinite()
+        calls, rows, passes = guided.nfe, guided.rows, guided.calls
+    elif isinstance(denoiser, ModelDenoiser):
         denoiser.raise_if_nonfinite()
         rows = denoiser.rows
     else:
@@ -172,5 +230,5 @@ def sample(
         )
     out = out.to(noise.dtype)
     if return_info:
-        return SampleResult(out, calls, rows, grid, name, grid.steps)
+        return SampleResult(out, calls, rows, grid, name, grid.steps, passes)
     return out

@@ -149,6 +149,9 @@ class Grid:
         return Grid(tuple(levels), schedule)
 
 
+_GRID_CACHE_SIZE = 64
+
+
 def make_grid(
     schedule: Schedule,
     steps: int,
@@ -160,11 +163,29 @@ def make_grid(
     spacing_options: dict[str, Any] | None = None,
 ) -> Grid:
     """Build the grid for ``steps`` steps with the given spacing (name, callable or explicit
-    model times), applying the schedule's inference shift (or ``shift``)."""
+    model times), applying the schedule's inference shift (or ``shift``).
+
+    Grids from a spacing name are cached on the schedule (they are immutable), so a server that
+    samples the same configuration again pays nothing for the grid."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     spacing = schedule.default_spacing if spacing is None else spacing
-    ts = resolve_spacing(schedule, spacing, steps, spacing_options)
     s = schedule.shift_for(image_seq_len) if shift is None else float(shift)
+    key = None
+    if isinstance(spacing, str):
+        try:
+            key = (steps, spacing, s, final, tuple(sorted((spacing_options or {}).items())))
+            hash(key)
+        except TypeError:
+            key = None
+    cache: dict[Any, Grid] = schedule.__dict__.setdefault("_grid_cache", {})
+    if key is not None and key in cache:
+        return cache[key]
+    ts = resolve_spacing(schedule, spacing, steps, spacing_options)
     ts = apply_shift(schedule, ts, s)
-    return Grid.from_model_times(schedule, ts, final=final)
+    grid = Grid.from_model_times(schedule, ts, final=final)
+    if key is not None:
+        if len(cache) >= _GRID_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = grid
+    return grid

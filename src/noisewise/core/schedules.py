@@ -305,28 +305,24 @@ class DiscreteVP(Schedule):
         return torch.where(w == 0, self._lam[lo], out)
 
     def inverse_lambda(self, lam: Any) -> torch.Tensor:
+        """Exact inverse of :meth:`lam` (vectorised): lambda-linear segments invert linearly, a
+        segment touching lambda = -inf inverts through the angle."""
         lam = _t(lam)
         table = self._lam  # decreasing in t
         flat = lam.reshape(-1)
-        out = torch.empty_like(flat)
-        for i, l in enumerate(flat.tolist()):
-            if l >= float(table[0]):
-                out[i] = 0.0
-                continue
-            if l <= float(table[-1]):
-                out[i] = self.t_max
-                continue
-            # first index with table[idx] < l  (table decreasing)
-            idx = int(torch.searchsorted(-table, torch.tensor(-l, dtype=_F64), right=True))
-            lo = idx - 1
-            a, b = float(table[lo]), float(table[idx])
-            if math.isfinite(a) and math.isfinite(b):
-                w = (a - l) / (a - b)
-            else:
-                phi = math.atan(math.exp(-l)) if l > -700 else math.pi / 2
-                pa, pb = float(self._phi[lo]), float(self._phi[idx])
-                w = (phi - pa) / (pb - pa)
-            out[i] = lo + w
+        # idx: first table entry below l (table decreasing) -> segment [idx - 1, idx]
+        idx = torch.searchsorted(-table, -flat, right=True).clamp(1, len(table) - 1)
+        lo = idx - 1
+        a, b = table[lo], table[idx]
+        seg_finite = torch.isfinite(a) & torch.isfinite(b)
+        w_lin = (a - flat) / torch.where(seg_finite, a - b, torch.ones_like(a))
+        phi = torch.atan(torch.exp(-flat.clamp(min=-700.0)))
+        phi = torch.where(flat <= -700.0, torch.full_like(phi, math.pi / 2), phi)
+        pa, pb = self._phi[lo], self._phi[idx]
+        w_phi = (phi - pa) / (pb - pa)
+        out = lo.to(_F64) + torch.where(seg_finite, w_lin, w_phi)
+        out = torch.where(flat >= table[0], torch.zeros_like(out), out)
+        out = torch.where(flat <= table[-1], torch.full_like(out, self.t_max), out)
         return out.reshape(lam.shape)
 
 
