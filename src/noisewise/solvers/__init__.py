@@ -1,6 +1,16 @@
 """Solvers: one generator function per sampler, registered by name (see ``base``)."""
 
-from . import dpm_solver, euler, unipc  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    adaptive,
+    ancestral,
+    dpm_solver,
+    euler,
+    multistep_classic,
+    noise,
+    sde,
+    second_order,
+    unipc,
+)
 from .base import SAMPLERS, SamplerSpec, StepInfo, get_sampler, run, samplers
 
 __all__ = ["SAMPLERS", "SamplerSpec", "StepInfo", "get_sampler", "run", "samplers"]
