@@ -410,7 +410,8 @@ def plot(rows: list[dict]) -> None:
             keep += [n for n in names if n.startswith("noisewise default") and n not in keep]
             for n in keep:
                 pts = sorted((r["nfe"], r["median_error"]) for r in sub if r["config"] == n)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=n)
+                kw = dict(color="black", lw=2.5, zorder=5) if n == "noisewise default" else {}
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=n, **kw)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
