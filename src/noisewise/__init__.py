@@ -8,6 +8,18 @@
 from .core.grid import Grid, Level, make_grid
 from .core.schedules import EDM, VE, CosineVP, DiscreteVP, LinearVP, RectifiedFlow, Schedule
 from .core.spacing import spacings
+from .guidance import (
+    APG,
+    CFG,
+    Autoguidance,
+    CFGPlusPlus,
+    CFGZeroStar,
+    DynamicThreshold,
+    GuidedDenoiser,
+    Interval,
+    Rescale,
+    guidance_methods,
+)
 from .models.denoiser import ModelDenoiser, NonFiniteError
 from .models.parameterization import from_x0, to_x0
 from .sampling import SampleResult, recommended, sample
@@ -19,4 +31,6 @@ __all__ = [
     "Schedule", "DiscreteVP", "LinearVP", "CosineVP", "RectifiedFlow", "EDM", "VE",
     "Grid", "Level", "make_grid", "spacings", "samplers", "get_sampler", "SAMPLERS", "run", "StepInfo",
     "ModelDenoiser", "NonFiniteError", "to_x0", "from_x0", "sample", "SampleResult", "recommended",
+    "GuidedDenoiser", "guidance_methods", "CFG", "Rescale", "Interval", "DynamicThreshold", "APG", "CFGZeroStar",
+    "CFGPlusPlus", "Autoguidance",
 ]

@@ -22,6 +22,7 @@ from .base import (
     register,
     to_final,
 )
+from .stiffness import StiffnessGuard
 
 Algorithm = str  # "dpmsolver++" (data prediction) or "dpmsolver" (noise prediction)
 
@@ -56,7 +57,7 @@ def singlestep_orders(steps: int, order: int, lower_order_final: bool = True) ->
     "Around 10 Steps (Algorithms 1-2, single-step order 1-3); data-prediction form by default "
     "(Lu et al. 2023, DPM-Solver++)",
     order=None,
-    options=("order", "algorithm", "lower_order_final", "max_step_ratio"),
+    options=("order", "algorithm", "lower_order_final", "max_step_ratio", "stiff_guard"),
     notes="Intermediate points of each order-k group are grid nodes: one evaluation per step.",
 )
 def dpm_solver(
@@ -67,6 +68,7 @@ def dpm_solver(
     algorithm: Algorithm = "dpmsolver++",
     lower_order_final: bool = True,
     max_step_ratio: float | None = 3.0,
+    stiff_guard: float | None = None,
     callback: Callback | None = None,
 ) -> SolverGen:
     """Single-step DPM-Solver-k: steps are grouped (1, 2, .., k); the k-th step of a group goes
@@ -79,12 +81,15 @@ def dpm_solver(
     x_start = x
     start = 0
     ms: list[Tensor] = []
+    guard = StiffnessGuard(stiff_guard) if stiff_guard is not None else None
     for i in range(grid.steps):
         k = orders[i]
         if k == 1:
             x_start, start, ms = x, i, []
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
+        if guard is not None:
+            guard.observe(x, x0, cur)
         ms.append(x0 if algorithm == "dpmsolver++" else _eps(x, x0, cur))
         s = grid[start]
         if nxt.sigma == 0.0:
@@ -96,7 +101,10 @@ def dpm_solver(
             # sub-step so much longer than the one before that extrapolating would overshoot
             x = ddim_step(x, x0, cur, nxt)
         else:
-            x = _singlestep_update(x_start, ms, [grid[j] for j in range(start, i + 1)], nxt, algorithm)
+            x_high = _singlestep_update(x_start, ms, [grid[j] for j in range(start, i + 1)], nxt, algorithm)
+            # under guidance: samples whose ODE is stiff here take the first-order step (stiffness.py)
+            ok = None if guard is None else guard.accept(nxt.lam - cur.lam, k)
+            x = x_high if ok is None else StiffnessGuard.pick(ok, x_high, ddim_step(x, x0, cur, nxt))
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x
@@ -141,12 +149,16 @@ def _dpmpp_multistep(
     callback: Callback | None,
     variant: str = "exact",
     max_step_ratio: float | None = 3.0,
+    stiff_guard: float | None = None,
 ) -> SolverGen:
     ms: list[Tensor] = []
     lvs: list[Level] = []
+    guard = StiffnessGuard(stiff_guard) if stiff_guard is not None else None
     for i in range(grid.steps):
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
+        if guard is not None:
+            guard.observe(x, x0, cur)
         ms, lvs = (ms + [x0])[-order:], (lvs + [cur])[-order:]
         # history usable for higher order: previous points with finite lambda
         usable = sum(1 for lv in lvs[:-1] if math.isfinite(lv.lam))
@@ -187,7 +199,10 @@ def _dpmpp_multistep(
                 w1 += -a_d10 / r0 + a_d11 / r1
                 w2 += -a_d11 / r1
             terms = [(x0, w0), (ms[-2], w1)] + ([(ms[-3], w2)] if k == 3 else [])
-            x = lincomb(x, nxt.sigma / cur.sigma, *terms)
+            x_high = lincomb(x, nxt.sigma / cur.sigma, *terms)
+            # under guidance: samples whose ODE is stiff here take the first-order step (stiffness.py)
+            ok = None if guard is None else guard.accept(h, k)
+            x = x_high if ok is None else StiffnessGuard.pick(ok, x_high, ddim_step(x, x0, cur, nxt))
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x
@@ -198,7 +213,7 @@ def _dpmpp_multistep(
     "Lu et al. 2023, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models, "
     "Algorithm 2 (multistep, 2nd order, data prediction)",
     order=2,
-    options=("lower_order_final", "max_step_ratio"),
+    options=("lower_order_final", "max_step_ratio", "stiff_guard"),
     notes="max_step_ratio (default 3): a step longer than that many times the previous one (in lambda) "
     "is taken at first order; None disables the guard (diffusers' behaviour).",
 )
@@ -208,11 +223,12 @@ def dpmpp_2m(
     *,
     lower_order_final: bool = True,
     max_step_ratio: float | None = 3.0,
+    stiff_guard: float | None = None,
     callback: Callback | None = None,
 ) -> SolverGen:
     """DPM-Solver++(2M): ``x' = (s'/s) x - alpha' (e^{-h}-1) (D0 + (D0 - D_prev) / (2 r))``,
     ``r = h_prev / h``."""
-    return (yield from _dpmpp_multistep(x, grid, 2, lower_order_final, callback, "exact", max_step_ratio))
+    return (yield from _dpmpp_multistep(x, grid, 2, lower_order_final, callback, "exact", max_step_ratio, stiff_guard))
 
 
 @register(
@@ -220,7 +236,7 @@ def dpmpp_2m(
     "Lu et al. 2023, DPM-Solver++ (multistep, 3rd order, data prediction; the 3M update of "
     "DPM-Solver v2/diffusers)",
     order=3,
-    options=("lower_order_final", "variant", "max_step_ratio"),
+    options=("lower_order_final", "variant", "max_step_ratio", "stiff_guard"),
     notes="variant='exact' (default) is third order; variant='diffusers' reproduces diffusers/k-diffusion, "
     "whose D2 weight is half the exact one (second order in practice).",
 )
@@ -231,9 +247,10 @@ def dpmpp_3m(
     lower_order_final: bool = True,
     variant: str = "exact",
     max_step_ratio: float | None = 3.0,
+    stiff_guard: float | None = None,
     callback: Callback | None = None,
 ) -> SolverGen:
     """DPM-Solver++(3M): third-order multistep with divided differences D1, D2 in lambda."""
     if variant not in ("exact", "diffusers"):
         raise ValueError(f"dpmpp_3m: variant must be 'exact' or 'diffusers', got {variant!r}")
-    return (yield from _dpmpp_multistep(x, grid, 3, lower_order_final, callback, variant, max_step_ratio))
+    return (yield from _dpmpp_multistep(x, grid, 3, lower_order_final, callback, variant, max_step_ratio, stiff_guard))

@@ -1,0 +1,80 @@
+"""Stiffness guard for the multistep solvers (on by default under guidance).
+
+Multistep solvers extrapolate the recent data predictions ``D`` over the next step. That is
+accurate while ``D`` varies slowly along the trajectory, and unstable when the probability-flow
+ODE is stiff: classifier-free guidance multiplies the Jacobian of ``D`` by about ``w``, and at
+large steps the extrapolated differences then grow from step to step (DPM-Solver++(3M) and
+UniPC-3 reach errors of several data scales where DDIM stays below one).
+
+The guard estimates, per sample, the Lipschitz constant of ``D`` along the trajectory from
+consecutive evaluations, in variance-exploding coordinates ``y = x / alpha``:
+``L = |D_i - D_{i-1}| / |y_i - y_{i-1}|``. An order-``k`` update over a step ``h`` (in lambda) is
+kept where ``h * g * L <= safety * bound[k]``, with ``L`` the largest estimate over the ``k - 1``
+intervals the extrapolation spans, ``g = max(1, h / h_last)`` the growth of the step over the last
+interval (the estimate lags by one step, and stiffness grows as the noise falls), and ``bound`` the
+real-axis stability limit of the ``k``-th order Adams-Bashforth extrapolation (1, 6/11, 3/10 for
+k = 2, 3, 4). Elsewhere the sample takes the first-order (DDIM) step, which cannot overshoot; a
+UniC correction is dropped likewise. The choice is per sample
+(``torch.where``, no host synchronisation), so a sample's result does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.grid import Level
+
+Tensor = torch.Tensor
+
+# real-axis stability limits |h L| of Adams-Bashforth order k
+AB_BOUND: dict[int, float] = {1: math.inf, 2: 1.0, 3: 6.0 / 11.0, 4: 0.3}
+
+
+def _norm(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (t.ndim - 1)))
+
+
+class StiffnessGuard:
+    """Per-sample stiffness test; ``safety`` scales the stability limits (0.5 by default in
+    :func:`noisewise.sample` under guidance)."""
+
+    def __init__(self, safety: float) -> None:
+        if isinstance(safety, bool) or not isinstance(safety, (int, float)) or not safety > 0:
+            raise ValueError(f"stiff_guard must be a number > 0 (a safety factor, e.g. 0.5) or None, got {safety!r}")
+        self.safety = float(safety)
+        self.lipschitz: list[Tensor] = []  # estimates over the last intervals, newest last
+        self._y: Tensor | None = None
+        self._d: Tensor | None = None
+        self._lam: float | None = None
+        self._h_last: float | None = None
+
+    def observe(self, x: Tensor, x0: Tensor, level: Level) -> None:
+        """Record an evaluation ``x0 = D(x)`` at ``level`` and update the Lipschitz estimate."""
+        if not level.alpha > 0:
+            self._y = self._d = None
+            self.lipschitz = []
+            return
+        y = x / level.alpha
+        if self._y is not None:
+            tiny = torch.finfo(y.dtype).tiny
+            est = _norm(x0 - self._d) / _norm(y - self._y).clamp_min(tiny)
+            self.lipschitz = (self.lipschitz + [est])[-3:]
+            self._h_last = level.lam - self._lam
+        self._y, self._d, self._lam = y, x0, level.lam
+
+    def accept(self, h: float, order: int) -> Tensor | None:
+        """Per-sample mask: where an order-``order`` step of size ``h`` is stable (None: no estimate yet).
+        An order-k step extrapolates over the last k - 1 intervals: the largest of their estimates counts."""
+        if not self.lipschitz or order <= 1:
+            return None
+        recent = self.lipschitz[-(order - 1):]
+        lip = recent[0] if len(recent) == 1 else torch.stack(recent).amax(0)
+        grow = max(1.0, h / self._h_last) if self._h_last else 1.0
+        return (h * grow * lip) <= self.safety * AB_BOUND[min(order, 4)]
+
+    @staticmethod
+    def pick(ok: Tensor, x_high: Tensor, x_low: Tensor) -> Tensor:
+        """``x_high`` where ``ok`` (the high-order step is stable), else ``x_low`` (first order)."""
+        return torch.where(ok, x_high, x_low)
