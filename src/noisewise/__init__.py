@@ -24,6 +24,7 @@ from .models.denoiser import ModelDenoiser, NonFiniteError
 from .models.parameterization import from_x0, to_x0
 from .sampling import SampleResult, recommended, sample
 from .solvers import SAMPLERS, StepInfo, get_sampler, run, samplers
+from .tuning import TunedSchedule, tune_schedule
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "Schedule", "DiscreteVP", "LinearVP", "CosineVP", "RectifiedFlow", "EDM", "VE",
     "Grid", "Level", "make_grid", "spacings", "samplers", "get_sampler", "SAMPLERS", "run", "StepInfo",
     "ModelDenoiser", "NonFiniteError", "to_x0", "from_x0", "sample", "SampleResult", "recommended",
+    "tune_schedule", "TunedSchedule",
     "GuidedDenoiser", "guidance_methods", "CFG", "Rescale", "Interval", "DynamicThreshold", "APG", "CFGZeroStar",
     "CFGPlusPlus", "Autoguidance",
 ]

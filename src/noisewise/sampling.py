@@ -155,6 +155,15 @@ def sample(
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if grid is None and schedule is None:
         raise ValueError("pass schedule= (e.g. noisewise.Schedule.from_diffusers(config)) or an explicit grid=")
+    if grid is None and (isinstance(spacing, str) and spacing == "tuned" or getattr(spacing, "shift_applied", False)):
+        from .tuning import use_tuned  # spacing="tuned" or a TunedSchedule (docs/tuning.md)
+
+        spacing, sampler, sampler_options = use_tuned(
+            spacing, model=denoiser if denoiser is not None else model, schedule=schedule, sampler=sampler,
+            sampler_options=sampler_options, steps=steps, nfe=nfe, prediction_type=prediction_type,
+            denoiser_given=denoiser is not None, shift=shift, image_seq_len=image_seq_len,
+            guidance_scale=guidance_scale, guidance=guidance,
+        )
     if sampler is None:
         name, defaults, default_spacing = recommended(schedule, nfe if nfe is not None else steps)
         sampler_options = {**defaults, **sampler_options}

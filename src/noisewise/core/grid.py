@@ -182,7 +182,8 @@ def make_grid(
     if key is not None and key in cache:
         return cache[key]
     ts = resolve_spacing(schedule, spacing, steps, spacing_options)
-    ts = apply_shift(schedule, ts, s)
+    if not getattr(spacing, "shift_applied", False):  # a TunedSchedule's levels already include the shift
+        ts = apply_shift(schedule, ts, s)
     grid = Grid.from_model_times(schedule, ts, final=final)
     if key is not None:
         if len(cache) >= _GRID_CACHE_SIZE:
