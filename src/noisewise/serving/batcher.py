@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,8 @@ class ForwardBatcher:
         self._closed = False
         self.forwards = 0
         self.rows = 0
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=100_000)  # recent forwards' rows (bounded for servers)
+        self.on_forward: Callable[[int, float], None] | None = None  # metrics hook: (rows, seconds)
         self._thread = threading.Thread(target=self._loop, name="noisewise-batcher", daemon=True)
         self._thread.start()
 
@@ -156,8 +158,10 @@ class ForwardBatcher:
                 t = torch.cat([c.t.reshape(-1).to(group[0].t.dtype) for c in group])
                 args = _cat([c.args for c in group])
                 kwargs = _cat([c.kwargs for c in group])
+                t0 = time.perf_counter()
                 with torch.no_grad():
                     out = self.model(x, t, *args, **kwargs)
+                seconds = time.perf_counter() - t0
                 if hasattr(out, "sample") and not isinstance(out, Tensor):
                     out = out.sample
                 elif isinstance(out, tuple):
@@ -165,6 +169,8 @@ class ForwardBatcher:
                 self.forwards += 1
                 self.rows += x.shape[0]
                 self.batch_sizes.append(x.shape[0])
+                if self.on_forward is not None:
+                    self.on_forward(int(x.shape[0]), seconds)
                 off = 0
                 for c in group:
                     n = c.x.shape[0]
@@ -190,6 +196,23 @@ class RequestHandle:
         self._value: Any = None
         self._error: BaseException | None = None
         self.started = threading.Event()
+        self._callbacks: list[Callable[[RequestHandle], None]] = []
+        self._cb_lock = threading.Lock()
+
+    def add_done_callback(self, fn: Callable[[RequestHandle], None]) -> None:
+        """Call ``fn(handle)`` when the request ends (at once if it already has), in the worker thread."""
+        with self._cb_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _finish(self) -> None:
+        with self._cb_lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -240,7 +263,7 @@ class BatchEngine:
                 finally:
                     self.batcher.leave()
                     _current.handle = None
-                    handle._done.set()
+                    handle._finish()
 
         threading.Thread(target=work, name="noisewise-request", daemon=True).start()
         return handle

@@ -1,0 +1,85 @@
+"""``noisewise serve`` and ``noisewise batch`` subcommands (added to the main parser by cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _csv(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{e.name} is missing; noisewise serve needs: pip install 'noisewise[server]'") from None
+    from . import ServerConfig, serve
+
+    models = _csv(a.models)
+    cfg = ServerConfig(
+        models=models, preload=_csv(a.preload) if a.preload is not None else models[:1], max_active=a.max_active,
+        max_queue=a.max_queue, max_batch=a.max_batch, max_steps=a.max_steps, max_images=a.max_images,
+        request_timeout_s=a.timeout, batching=not a.no_batching, device=a.device,
+    )
+    serve(a.host, a.port, cfg, log_level=a.log_level)
+    return 0
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    from ..serving.jobs import JobDefaults, read_items, run_batch
+
+    d = JobDefaults(model=a.model, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale,
+                    negative_prompt=a.negative_prompt, base_seed=a.seed)
+    try:
+        items = read_items(a.prompts, d)
+    except (OSError, ValueError) as e:
+        from ..cli import UserError
+
+        raise UserError(str(e)) from None
+    rep = run_batch(items, a.out, engine=a.engine, workers=a.workers, address=a.address,
+                    torch_threads=a.torch_threads, progress=not a.quiet)
+    print(f"{rep.done} item(s) generated, {rep.skipped} already done, {rep.total} in all -> {a.out} "
+          f"({rep.seconds:.1f} s, {rep.images_per_s:.2f} items/s)")
+    return 0
+
+
+def add_cli(sub: Any) -> None:
+    s = sub.add_parser("serve", help="HTTP API + web page with continuous batching (docs/serving.md)",
+                       description="Serve text-to-image over HTTP: POST /v1/generate, a web page at /, "
+                                   "Prometheus /metrics. Concurrent requests share network forwards.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--models", default="shapes-vp,shapes-flow",
+                   help="comma-separated model names (or operator-given folders) requests may name")
+    s.add_argument("--preload", default=None, help="models loaded at start (default: the first)")
+    s.add_argument("--max-active", type=int, default=32, help="requests sampling at once per model")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    s.add_argument("--max-batch", type=int, default=64, help="most rows in one network forward")
+    s.add_argument("--max-steps", type=int, default=100)
+    s.add_argument("--max-images", type=int, default=4)
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is cancelled (504)")
+    s.add_argument("--no-batching", action="store_true", help="serve one request at a time (for comparison)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("batch", help="generate a JSONL file of prompts into a folder (local or Ray)",
+                       description="Each line: {\"prompt\": ..., optional negative_prompt, model, sampler, steps, "
+                                   "guidance_scale, seed, num_images, id}. Resumable: finished items are skipped.")
+    b.add_argument("prompts", help="JSONL file, one item per line")
+    b.add_argument("--out", required=True, help="output folder (<id>.png + <id>.json per item)")
+    b.add_argument("--engine", choices=["local", "ray"], default="local")
+    b.add_argument("--workers", type=int, default=2, help="Ray actors (each holds the pipelines)")
+    b.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    b.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker")
+    b.add_argument("--model", default="shapes-vp")
+    b.add_argument("--sampler", default=None)
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--guidance-scale", type=float, default=None)
+    b.add_argument("--negative-prompt", default=None)
+    b.add_argument("--seed", type=int, default=0, help="items without a seed use seed + line index")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_batch)

@@ -1,0 +1,449 @@
+"""The generation service behind the HTTP API: model registry, admission, continuous batching, metrics.
+
+One :class:`~noisewise.serving.BatchEngine` per loaded model: every request runs its own
+``Pipeline.__call__`` (own sampler, steps, guidance, seed) in a worker thread whose network calls
+go through the engine's batcher, so all active requests on a model share one UNet forward per tick.
+Nothing here takes a file-system path from a request: models are looked up by name in the registry
+the operator configured at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import difflib
+import io
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status and a message meant for the client."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class QueueFull(ServiceError):
+    status = 429
+
+
+class Draining(ServiceError):
+    status = 503
+
+
+@dataclass
+class ServerConfig:
+    """Operator settings (command line), never taken from requests.
+
+    Args:
+        models: model names (or operator-given folders) the server may load; requests pick by name.
+        preload: models loaded at start-up (``/readyz`` turns ready once they are).
+        max_active: requests sampling at once per model (they share forwards).
+        max_queue: requests waiting for a slot, over all models; one more gets 429.
+        max_batch: most rows in one network forward.
+        max_steps / max_images / max_prompt_chars: per-request limits (422 beyond them).
+        request_timeout_s: a request still running after this is cancelled (504).
+        max_body_bytes: larger request bodies get 413.
+        batching: False serves one request at a time per model (the baseline of the load test).
+    """
+
+    models: tuple[str, ...] = ("shapes-vp", "shapes-flow")
+    preload: tuple[str, ...] = ("shapes-vp",)
+    max_active: int = 32
+    max_queue: int = 64
+    max_batch: int = 64
+    max_wait_s: float = 0.005
+    max_steps: int = 100
+    max_images: int = 4
+    max_prompt_chars: int = 300
+    request_timeout_s: float = 120.0
+    max_body_bytes: int = 16_384
+    shutdown_grace_s: float = 30.0
+    batching: bool = True
+    device: str = "cpu"
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "draft": {"sampler": "dpmpp_2m", "steps": 8, "guidance_scale": 5.0,
+              "description": "fastest preview: 8 steps of DPM-Solver++(2M)"},
+    "balanced": {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 7.5,
+                 "description": "the shipped models' default"},
+    "quality": {"sampler": "unipc", "steps": 30, "guidance_scale": 7.5,
+                "description": "UniPC, 30 steps"},
+    "stochastic": {"sampler": "dpmpp_2m_sde", "steps": 30, "guidance_scale": 7.5,
+                   "description": "SDE sampler (seeded per image: reproducible)"},
+}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    hint = difflib.get_close_matches(name, options, n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
+def png_bytes(image: np.ndarray, meta: dict[str, Any] | None = None) -> bytes:
+    """Encode one uint8 HWC image as PNG, with ``meta`` as JSON in a ``parameters`` text chunk."""
+    import json
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if meta is not None:
+        info.add_text("parameters", json.dumps(meta))
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def png_b64(image: np.ndarray, meta: dict[str, Any] | None = None) -> str:
+    return base64.b64encode(png_bytes(image, meta)).decode("ascii")
+
+
+class Metrics:
+    """Prometheus collectors on a registry of their own (several apps may live in one process)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("noisewise_requests", "finished requests by outcome", ["model", "status"], registry=r)
+        self.rejected = Counter("noisewise_rejected", "requests rejected before running", ["reason"], registry=r)
+        self.queue_depth = Gauge("noisewise_queue_depth", "requests waiting for a sampling slot", registry=r)
+        self.active = Gauge("noisewise_active_requests", "requests sampling now", registry=r)
+        self.latency = Histogram(
+            "noisewise_request_latency_seconds", "submit-to-result latency of successful requests", ["model"],
+            buckets=(0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120), registry=r)
+        self.queue_wait = Histogram(
+            "noisewise_queue_wait_seconds", "time a request waited for a slot",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60), registry=r)
+        self.batch_rows = Histogram(
+            "noisewise_batch_size", "rows per network forward (all requests together)", ["model"],
+            buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128), registry=r)
+        self.forward_seconds = Histogram(
+            "noisewise_forward_seconds", "duration of one batched network forward", ["model"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2), registry=r)
+        self.nfe = Counter("noisewise_nfe", "network evaluations (NFE) of finished requests", ["model"], registry=r)
+        self.rows = Counter("noisewise_network_rows", "network rows evaluated (images x branches x NFE)",
+                            ["model"], registry=r)
+        self.images = Counter("noisewise_images", "images generated", ["model"], registry=r)
+        self.nfe_rate = Gauge("noisewise_nfe_per_second", "request NFE per second over the last 30 s", registry=r)
+        self.cache_hits = Gauge("noisewise_text_cache_hits", "text-embedding cache hits (all models)", registry=r)
+        self.cache_misses = Gauge("noisewise_text_cache_misses", "text-embedding cache misses", registry=r)
+        self.cache_rate = Gauge("noisewise_text_cache_hit_ratio", "text-embedding cache hit rate", registry=r)
+        self._recent: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def add_nfe(self, model: str, nfe: int) -> None:
+        self.nfe.labels(model).inc(nfe)
+        with self._lock:
+            self._recent.append((time.monotonic(), nfe))
+
+    def refresh(self, encoders: list[Any]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - 30.0:
+                self._recent.popleft()
+            self.nfe_rate.set(sum(n for _, n in self._recent) / 30.0)
+        hits = sum(getattr(e, "hits", 0) for e in encoders)
+        misses = sum(getattr(e, "misses", 0) for e in encoders)
+        self.cache_hits.set(hits)
+        self.cache_misses.set(misses)
+        self.cache_rate.set(hits / (hits + misses) if hits + misses else 0.0)
+
+
+@dataclass(eq=False)
+class GenerationJob:
+    """One admitted request: the event loop awaits ``future``; ``events`` streams progress."""
+
+    model: str
+    params: dict[str, Any]
+    future: asyncio.Future[Any]
+    events: asyncio.Queue[dict[str, Any]] | None
+    submitted: float = field(default_factory=time.monotonic)
+    handle: Any = None
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+class _Model:
+    def __init__(self, name: str, pipe: Any, engine: Any, lock: threading.Lock | None) -> None:
+        self.name = name
+        self.pipe = pipe
+        self.engine = engine
+        self.solo_lock = lock  # batching off: one request at a time
+
+
+class GenerationService:
+    """Loads models by name, admits requests (bounded), runs them batched, reports metrics."""
+
+    def __init__(self, config: ServerConfig | None = None,
+                 pipeline_factory: Callable[[str], Any] | None = None) -> None:
+        self.config = config or ServerConfig()
+        if not self.config.models:
+            raise ValueError("ServerConfig.models is empty: name at least one model, e.g. ('shapes-vp',)")
+        self.metrics = Metrics()
+        self._factory = pipeline_factory
+        self._models: dict[str, _Model] = {}
+        self._load_lock = threading.Lock()
+        self._state = threading.Lock()
+        self.waiting = 0
+        self.running = 0
+        self.draining = False
+        self.jobs: set[GenerationJob] = set()
+
+    # -- models -------------------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.config.models)
+
+    def check_model(self, name: str | None) -> str:
+        name = name or self.config.models[0]
+        if name not in self.config.models:
+            raise ServiceError(
+                f"unknown model {name!r}{_closest(name, self.model_names)} This server serves: "
+                f"{', '.join(self.model_names)} (GET /v1/models lists them)", 422)
+        return name
+
+    def _load(self, name: str) -> Any:
+        if self._factory is not None:
+            return self._factory(name)
+        from ..pipeline import Pipeline
+
+        return Pipeline.from_pretrained(name, device=self.config.device)
+
+    def get(self, name: str) -> _Model:
+        m = self._models.get(name)
+        if m is not None:
+            return m
+        with self._load_lock:
+            m = self._models.get(name)
+            if m is not None:
+                return m
+            pipe = self._load(name)
+            _serialize_tokenizer(pipe)
+            from ..serving import BatchEngine
+
+            c = self.config
+            engine = BatchEngine(pipe.model_fn, max_batch=c.max_batch if c.batching else 1 << 30,
+                                 max_active=c.max_active if c.batching else 1, max_wait_s=c.max_wait_s)
+            hist, fsec = self.metrics.batch_rows.labels(name), self.metrics.forward_seconds.labels(name)
+            rows_total = self.metrics.rows.labels(name)
+
+            def on_forward(rows: int, seconds: float) -> None:
+                hist.observe(rows)
+                rows_total.inc(rows)
+                fsec.observe(seconds)
+
+            engine.batcher.on_forward = on_forward
+            m = _Model(name, pipe, engine, None)
+            self._models[name] = m
+            logger.info("loaded model %s", name)
+            return m
+
+    def preload(self) -> None:
+        for name in self.config.preload:
+            if name in self.config.models:
+                self.get(name)
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and all(n in self._models for n in self.config.preload if n in self.config.models)
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.config.models:
+            m = self._models.get(name)
+            d: dict[str, Any] = {"name": name, "loaded": m is not None}
+            if m is not None:
+                p = m.pipe
+                d.update(defaults=dict(p.defaults), size=[p.sample_size, p.sample_size],
+                         prediction_type=getattr(p.schedule, "prediction_type", None))
+            out.append(d)
+        return out
+
+    def refresh_metrics(self) -> None:
+        self.metrics.queue_depth.set(self.waiting)
+        self.metrics.active.set(self.running)
+        self.metrics.refresh([m.pipe.text_encoder for m in self._models.values()])
+
+    # -- requests -----------------------------------------------------------------------------
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Apply defaults and the server's limits; ServiceError (422) with the fix otherwise."""
+        import noisewise as nw
+
+        c = self.config
+        p = dict(params)
+        p["model"] = self.check_model(p.get("model"))
+        preset = p.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ServiceError(f"unknown preset {preset!r}{_closest(preset, list(PRESETS))} "
+                                   f"Presets: {', '.join(PRESETS)}", 422)
+            for k in ("sampler", "steps", "guidance_scale"):
+                if p.get(k) is None:
+                    p[k] = PRESETS[preset][k]
+        if p.get("sampler") is not None:
+            names = list(nw.samplers())
+            if p["sampler"] not in names:
+                raise ServiceError(f"unknown sampler {p['sampler']!r}{_closest(p['sampler'], names)} "
+                                   "GET /v1/samplers lists them", 422)
+        if p.get("steps") is not None and p["steps"] > c.max_steps:
+            raise ServiceError(f"steps={p['steps']} is over this server's limit of {c.max_steps}; "
+                               f"ask for at most {c.max_steps} steps", 422)
+        if p.get("num_images", 1) > c.max_images:
+            raise ServiceError(f"num_images={p['num_images']} is over this server's limit of {c.max_images}; "
+                               "send several requests instead", 422)
+        for k in ("prompt", "negative_prompt"):
+            v = p.get(k)
+            if v is not None and len(v) > c.max_prompt_chars:
+                raise ServiceError(f"{k} has {len(v)} characters, over this server's limit of "
+                                   f"{c.max_prompt_chars}; shorten it", 422)
+        if p.get("seed") is None:
+            p["seed"] = int(np.random.default_rng().integers(0, 2**31))
+        return p
+
+    def submit(self, params: dict[str, Any], *, loop: asyncio.AbstractEventLoop, stream: bool = False,
+               preview_every: int = 1) -> GenerationJob:
+        """Admit a validated request (429 when the queue is full, 503 when draining) and start it."""
+        c = self.config
+        if self.draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise Draining("the server is shutting down and takes no new requests; retry on another replica")
+        model = self.get(params["model"])
+        with self._state:
+            capacity = c.max_queue + (c.max_active if c.batching else 1) * len(self.config.models)
+            if self.waiting + self.running >= capacity or self.waiting >= c.max_queue:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise QueueFull(f"the queue is full ({c.max_queue} waiting); retry after a short pause")
+            self.waiting += 1
+        job = GenerationJob(model.name, params, loop.create_future(), asyncio.Queue() if stream else None)
+        job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if nobody awaits
+        self.jobs.add(job)
+
+        def emit(ev: dict[str, Any]) -> None:
+            if job.events is not None:
+                loop.call_soon_threadsafe(job.events.put_nowait, ev)
+
+        started_box: list[float] = []
+
+        def on_step(info: Any) -> None:
+            if job.handle is not None and job.handle.cancelled:
+                from ..serving import Cancelled
+
+                raise Cancelled("client went away")
+            if job.events is None:
+                return
+            i = int(getattr(info, "i", 0))
+            ev: dict[str, Any] = {"event": "step", "step": i + 1, "steps": params.get("steps")}
+            x0 = getattr(info, "x0", None)
+            if x0 is not None and preview_every > 0 and (i % preview_every == 0):
+                ev["preview"] = png_b64(model.pipe.decode(x0[:1].float())[0])
+            emit(ev)
+
+        def run(net: Any) -> Any:
+            with self._state:
+                self.waiting -= 1
+                self.running += 1
+            started_box.append(time.monotonic())
+            self.metrics.queue_wait.observe(started_box[0] - job.submitted)
+            emit({"event": "started"})
+            kw = {k: params.get(k) for k in ("negative_prompt", "sampler", "steps", "guidance_scale")}
+            seeds = [params["seed"] + i for i in range(params.get("num_images", 1))]
+            extra: dict[str, Any] = {}
+            sampler = params.get("sampler") or model.pipe.defaults["sampler"]
+            import torch
+
+            import noisewise as nw
+
+            if nw.get_sampler(sampler).stochastic:  # seeded per image: reproducible and independent of batching
+                extra["generator"] = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
+            return model.pipe(params.get("prompt", ""), num_images=len(seeds), seed=params["seed"],
+                              callback=on_step, model=net, **kw, **extra)
+
+        def done(handle: Any) -> None:
+            with self._state:
+                if started_box:
+                    self.running -= 1
+                else:
+                    self.waiting -= 1
+            try:
+                value = handle.result(0)
+                err = None
+            except BaseException as e:  # noqa: BLE001 - delivered to the awaiting request
+                value, err = None, e
+            status = "ok" if err is None else type(err).__name__.lower()
+            self.metrics.requests.labels(model.name, status).inc()
+            if err is None:
+                self.metrics.latency.labels(model.name).observe(time.monotonic() - job.submitted)
+                self.metrics.add_nfe(model.name, int(value.nfe))
+                self.metrics.images.labels(model.name).inc(len(value))
+
+            def settle() -> None:
+                self.jobs.discard(job)
+                if job.events is not None:
+                    job.events.put_nowait({"event": "_end"})
+                if job.future.done():
+                    return
+                if err is None:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(err)
+
+            loop.call_soon_threadsafe(settle)
+
+        job.handle = model.engine.submit(run)
+        job.handle.add_done_callback(done)
+        return job
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Stop admitting (503; /readyz fails); in-flight requests go on."""
+        if not self.draining:
+            logger.info("draining: %d running, %d waiting", self.running, self.waiting)
+        self.draining = True
+
+    def cancel_all(self) -> int:
+        n = 0
+        for job in list(self.jobs):
+            job.cancel()
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self.begin_drain()
+        self.cancel_all()
+        for m in self._models.values():
+            m.engine.close()
+
+
+def _serialize_tokenizer(pipe: Any) -> None:
+    """Fast (Rust) tokenizers raise "Already borrowed" when two threads set padding/truncation at
+    once; the server's request threads share one encoder, so its tokenize runs under a lock."""
+    te = getattr(pipe, "text_encoder", None)
+    if te is None or getattr(te, "_nw_serialized", False) or not hasattr(te, "tokenize"):
+        return
+    lock = threading.Lock()
+    inner = te.tokenize
+
+    def tokenize(*a: Any, **k: Any) -> Any:
+        with lock:
+            return inner(*a, **k)
+
+    te.tokenize = tokenize
+    te._nw_serialized = True
