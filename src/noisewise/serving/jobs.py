@@ -1,0 +1,224 @@
+"""Batch jobs: ``noisewise batch prompts.jsonl --out DIR`` on a local engine or a Ray actor pool.
+
+Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "model"?, "sampler"?,
+"steps"?, "guidance_scale"?, "seed"?, "num_images"?, "id"?}``; missing fields take the job's
+defaults, a missing seed is ``base_seed + line index`` (so a job is reproducible as a whole).
+An item's images go to ``DIR/<id>.png`` (``<id>-<i>.png`` for several) and its parameters to
+``DIR/<id>.json``, every file written to a temporary name and renamed, the JSON last: an item is
+finished exactly when its JSON exists, and a rerun after a crash skips finished items.
+
+Both engines run each item alone through the same :class:`ItemRunner` (same seeds, same batch
+shapes), so the local and the Ray engine write identical images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+ITEM_FIELDS = ("id", "prompt", "negative_prompt", "model", "sampler", "steps", "guidance_scale", "seed", "num_images")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class JobDefaults:
+    model: str = "shapes-vp"
+    sampler: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    num_images: int = 1
+    base_seed: int = 0
+
+
+def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None) -> list[dict[str, Any]]:
+    """Parse and validate the JSONL file (ValueError naming the line on a bad one)."""
+    d = defaults or JobDefaults()
+    items: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if isinstance(raw, str):
+                raw = {"prompt": raw}
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path}:{n}: expected an object like {{\"prompt\": \"a red circle\"}}")
+            unknown = set(raw) - set(ITEM_FIELDS)
+            if unknown:
+                raise ValueError(f"{path}:{n}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(ITEM_FIELDS)}")
+            index = len(items)
+            item = {
+                "id": str(raw.get("id", f"{index:06d}")),
+                "prompt": str(raw.get("prompt", "")),
+                "negative_prompt": raw.get("negative_prompt", d.negative_prompt),
+                "model": raw.get("model", d.model),
+                "sampler": raw.get("sampler", d.sampler),
+                "steps": raw.get("steps", d.steps),
+                "guidance_scale": raw.get("guidance_scale", d.guidance_scale),
+                "seed": int(raw.get("seed", d.base_seed + index)),
+                "num_images": int(raw.get("num_images", d.num_images)),
+            }
+            if not _ID.match(item["id"]):
+                raise ValueError(f"{path}:{n}: id {item['id']!r} must be letters, digits, '.', '_' or '-' "
+                                 "(it names the output files)")
+            if item["id"] in seen:
+                raise ValueError(f"{path}:{n}: duplicate id {item['id']!r}")
+            seen.add(item["id"])
+            items.append(item)
+    return items
+
+
+class ItemRunner:
+    """Generates one item at a time; keeps one pipeline per model. Used in-process (local engine)
+    and as the Ray actor class."""
+
+    def __init__(self, torch_threads: int | None = None) -> None:
+        self._pipes: dict[str, Any] = {}
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(int(torch_threads))
+
+    def pipe(self, model: str) -> Any:
+        if model not in self._pipes:
+            from ..pipeline import Pipeline
+
+            self._pipes[model] = Pipeline.from_pretrained(model)
+        return self._pipes[model]
+
+    def run(self, item: dict[str, Any]) -> tuple[str, Any, list[dict[str, Any]], int]:
+        """``(id, uint8 images NHWC, metadata per image, nfe)``."""
+        import torch
+
+        import noisewise as nw
+
+        pipe = self.pipe(item["model"])
+        sampler = item["sampler"] or pipe.defaults["sampler"]
+        seeds = [item["seed"] + i for i in range(item["num_images"])]
+        extra: dict[str, Any] = {}
+        if nw.get_sampler(sampler).stochastic:  # same per-image seeding as the server
+            extra["generator"] = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
+        res = pipe(item["prompt"], negative_prompt=item["negative_prompt"], num_images=item["num_images"],
+                   seed=item["seed"], sampler=sampler, steps=item["steps"], guidance_scale=item["guidance_scale"],
+                   **extra)
+        meta = [dict(m, id=item["id"]) for m in res.metadata]
+        return item["id"], res.images, meta, int(res.nfe)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def item_done(out: Path, item_id: str) -> bool:
+    return (out / f"{item_id}.json").is_file()
+
+
+def write_item(out: Path, item_id: str, images: Any, meta: list[dict[str, Any]], nfe: int) -> list[Path]:
+    """PNGs first, then the JSON that marks the item finished; each via a temporary file + rename."""
+    from ..server.service import png_bytes
+
+    paths = [out / (f"{item_id}.png" if len(images) == 1 else f"{item_id}-{i}.png") for i in range(len(images))]
+    for p, im, m in zip(paths, images, meta):
+        _atomic_write(p, png_bytes(im, m))
+    record = {"id": item_id, "files": [p.name for p in paths], "nfe": nfe, "metadata": meta}
+    _atomic_write(out / f"{item_id}.json", (json.dumps(record, indent=1) + "\n").encode())
+    return paths
+
+
+@dataclass
+class BatchReport:
+    total: int
+    skipped: int
+    done: int
+    seconds: float
+    nfe: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+def _local(items: list[dict[str, Any]], torch_threads: int | None) -> Iterator[tuple[str, Any, Any, int]]:
+    runner = ItemRunner(torch_threads)
+    for item in items:
+        yield runner.run(item)
+
+
+def _ray(items: list[dict[str, Any]], workers: int, address: str | None,
+         torch_threads: int | None) -> Iterator[tuple[str, Any, Any, int]]:
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError as e:
+        raise ImportError("--engine ray needs Ray: pip install 'noisewise[ray]'") from e
+    started_here = not ray.is_initialized()
+    if started_here:
+        kw: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False,
+                              "ignore_reinit_error": True}
+        if address is None:
+            kw["num_cpus"] = max(workers, 1)
+        ray.init(**kw)
+    try:
+        actor = ray.remote(num_cpus=1)(ItemRunner)
+        pool = ActorPool([actor.remote(torch_threads or 1) for _ in range(workers)])
+        yield from pool.map_unordered(lambda a, it: a.run.remote(it), items)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_batch(
+    items: Iterable[dict[str, Any]], out: str | os.PathLike[str], *, engine: Literal["local", "ray"] = "local",
+    workers: int = 2, address: str | None = None, torch_threads: int | None = None, progress: bool = True,
+) -> BatchReport:
+    """Generate every unfinished item into ``out`` (finished items are skipped: resumable)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = list(items)
+    pending = [it for it in items if not item_done(out_dir, it["id"])]
+    skipped = len(items) - len(pending)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), initial=skipped, desc=f"batch ({engine})", unit="item", file=sys.stderr)
+    t0 = time.perf_counter()
+    done = nfe = 0
+    try:
+        if pending:
+            results = _local(pending, torch_threads) if engine == "local" else _ray(pending, workers, address,
+                                                                                  torch_threads)
+            for item_id, images, meta, n in results:
+                write_item(out_dir, item_id, images, meta, n)
+                done += 1
+                nfe += n
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return BatchReport(len(items), skipped, done, time.perf_counter() - t0, nfe)
