@@ -115,11 +115,8 @@ def test_round_trip_through_sample_and_json(gmm):
     assert torch.equal(nw.sample(None, noise, schedule=sched, denoiser=D, spacing=back), direct)
     # the recorded loss is what the schedule does on the calibration noise (the network memo is exact)
     cal = calibration_noise(tuned.seed, tuned.batch, (2,), F64)
-    lo, hi = nw.core.spacing.lambda_range(sched)
-    lam0 = float(sched.lam(tuned.model_times[0]))
-    ref_lams = tuning._reference_lams(lam0, hi, lam0, tuned.reference_steps, "extrapolate")
-    ref_grid = nw.Grid.from_model_times(sched, [tuned.model_times[0], *sched.inverse_lambda(
-        torch.tensor(ref_lams, dtype=F64)).tolist()])
+    ref_grid = tuning.reference_grid(sched, tuned.model_times[0], tuned.reference_steps)
+    assert ref_grid[-2].ve_sigma == pytest.approx(sched.ve_sigma(0.0).item())  # down to the cleanest level
     ref = nw.sample(None, cal, schedule=sched, denoiser=D, sampler="lms", order=3, grid=ref_grid)
     x = nw.sample(None, cal, schedule=sched, denoiser=D, spacing=tuned)
     assert float((x - ref).norm(dim=1).median()) == pytest.approx(tuned.loss, rel=1e-9)
@@ -214,6 +211,18 @@ def test_guided_tuning_is_keyed_by_the_scale(gmm):
     assert e_t < e_s, (float(e_t), float(e_s))
 
 
+def test_coordinate_search_improves_and_reuses_evaluations(gmm):
+    sched = nw.DiscreteVP(**SD)
+    D = CountingDenoiser(gmm)
+    tuned = tune_schedule(None, denoiser=D, schedule=sched, sampler="dpmpp_2m", nfe=5, shape=(2,), batch=64,
+                          dtype=F64, method="coordinate", max_evals=60, reference_steps=32)
+    assert tuned.loss < 0.9 * tuned.start_loss
+    # moving level i re-uses the evaluations before it: fewer network calls than solves x NFE
+    search_calls = tuned.model_calls - (32 + 1)
+    assert search_calls < 0.75 * tuned.evaluations * 5
+    assert D.calls == tuned.model_calls
+
+
 def test_bad_input_fails_clearly(gmm):
     sched = nw.DiscreteVP(**SD)
     D = gmm.denoiser()
@@ -230,6 +239,8 @@ def test_bad_input_fails_clearly(gmm):
         tune_schedule(None, sampler="dpmpp_2m", order=3, nfe=4, **base)
     with pytest.raises(ValueError, match="model"):
         tune_schedule(None, schedule=sched, nfe=4, shape=(2,))
+    with pytest.raises(ValueError, match="method"):
+        tune_schedule(None, method="powell", nfe=4, **base)
     tuned = tune_schedule(None, nfe=3, batch=16, max_evals=5, reference_steps=32, dtype=F64, **base)
     noise = evaluation_noise(tuned, 4, (2,), EVAL_SEED)
     with pytest.raises(ValueError, match="pass nfe=3"):

@@ -14,9 +14,9 @@ for *this* model, sampler and number of evaluations, from the model alone:
    integrates a polynomial in rho to rho = 0. That extrapolates the ODE below the cleanest trained
    level instead of stopping at its denoised value (``reference="denoise"``: the plain fine solve,
    which on an SD-like schedule sits ~0.01 from the exact ODE limit on the mixture benchmark).
-3. **Start.** The levels of a few hand spacings (``uniform_lambda``, ``time_quadratic``, ``karras``,
-   ``exponential`` and the recommended one), all anchored at the same first level; the one whose
-   cheap solve lands closest to the reference is the starting point.
+3. **Start.** The levels of the hand spacings in ``start`` (``uniform_lambda``, ``time_quadratic``,
+   ``karras``, ``exponential``, ``trailing`` on discrete schedules, ``linspace``), all anchored at
+   the same first level; the one whose cheap solve lands closest to the reference is the start.
 4. **Search.** The ``n - 1`` free levels (the first level and the final sigma = 0 stay put) are
    moved in half-log-SNR lambda to minimise the median per-sample L2 distance between the cheap
    solve's output and the reference. The levels are parametrised by their log-increments in lambda
@@ -51,7 +51,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,8 +66,14 @@ log = logging.getLogger(__name__)
 _F64 = torch.float64
 
 CACHE_ENV = "NOISEWISE_TUNED_CACHE"
-START_SPACINGS: tuple[str, ...] = ("uniform_lambda", "time_quadratic", "karras", "exponential")
+# hand spacings tried as starting points ("trailing" only applies to discrete schedules)
+START_SPACINGS: tuple[str, ...] = ("uniform_lambda", "time_quadratic", "karras", "exponential", "trailing", "linspace")
+REFERENCE_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "extrapolate": ("lms", {"order": 3}),
+    "denoise": ("unipc", {"order": 3}),
+}
 _MIN_GAP = 1e-3  # smallest distance in lambda between two tuned levels
+_TAIL = 4  # reference: steps linear in rho from 2 rho_min to rho_min
 
 
 # ------------------------------------------------------------------------------------------------
@@ -534,11 +540,11 @@ def tune_schedule(
     guidance_scale: float | Tensor | None = None,
     guidance: Any = None,
     reference_steps: int = 200,
-    reference: str = "extrapolate",
+    reference: Literal["extrapolate", "denoise"] = "extrapolate",
     max_evals: int | None = None,
     tol: float = 1e-3,
-    objective: str = "median",
-    method: str = "nelder-mead",
+    objective: Literal["median", "mean"] = "median",
+    method: Literal["nelder-mead", "coordinate"] = "nelder-mead",
     model_id: str | None = None,
     cache: bool = True,
     cache_file: str | os.PathLike[str] | None = None,
@@ -561,9 +567,13 @@ def tune_schedule(
         dtype / device: of the calibration noise (default float32, the model's device).
         cond, uncond, negative, guidance_scale, guidance: as for :func:`noisewise.sample` (cond and
             uncond batch-aligned with the calibration batch, or batch 1).
-        reference_steps: steps of the fine reference solve (third-order UniPC, uniform in lambda).
-        max_evals: at most this many cheap solves in the search (default ``40 * steps + 80``).
-        tol: stop when a sweep improves the loss by less than this fraction.
+        reference_steps / reference: the fine reference solve: ``'extrapolate'`` (default; LMS-3,
+            extrapolated below the cleanest trained level to sigma = 0) or ``'denoise'`` (UniPC-3,
+            ending with the denoised value at the cleanest level); see :func:`reference_grid`.
+        max_evals: at most this many cheap solves in the search (default ``25 * steps + 50``).
+        tol: relative loss tolerance of the search.
+        objective: the median (default) or mean over calibration samples of the L2 distance.
+        method: ``'nelder-mead'`` (default) or ``'coordinate'`` (module docstring).
         model_id: a name for the model in the cache (default: weight hash for ``nn.Module``s).
         cache / cache_file / force: look up and store the result in memory (and the JSON file
             ``cache_file`` or ``$NOISEWISE_TUNED_CACHE``); ``force`` re-tunes even on a hit.
@@ -587,10 +597,12 @@ def tune_schedule(
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     if isinstance(reference_steps, bool) or not isinstance(reference_steps, int) or reference_steps < 16:
         raise ValueError(f"reference_steps must be an integer >= 16, got {reference_steps!r}")
-    if reference not in ("extrapolate", "denoise"):
+    if reference not in REFERENCE_SAMPLERS:
         raise ValueError(f"reference must be 'extrapolate' or 'denoise', got {reference!r}")
     if objective not in ("median", "mean"):
         raise ValueError(f"objective must be 'median' or 'mean', got {objective!r}")
+    if method not in ("nelder-mead", "coordinate"):
+        raise ValueError(f"method must be 'nelder-mead' or 'coordinate', got {method!r}")
     name, opts, n, nfe_total = _resolve_sampler(schedule, sampler, nfe, steps, dict(sampler_options))
     from .sampling import _check_options
     from .solvers.base import get_sampler
@@ -623,10 +635,10 @@ def tune_schedule(
                       model_dtype=model_dtype if model_dtype is not None else infer_model_dtype(fn))
         net = memo
 
-    lam_lo, lam_hi = lambda_range(schedule)
+    lam_hi = lambda_range(schedule)[1]
     t0 = _first_time(schedule, spacing or _recommended_spacing(schedule, nfe_total), n, s, pt, denoiser is not None)
     lam0 = float(schedule.lam(t0))
-    lo = lam0 if math.isfinite(lam0) else min(lam_lo - math.log(s), lam_hi - 1.0)
+    lo = _lowest_free_lam(schedule, lam0, s)
     if not lo < lam_hi - _MIN_GAP * n:
         raise ValueError(f"the first level (model time {t0:g}) leaves no room for {n} levels on this schedule")
 
@@ -634,11 +646,9 @@ def tune_schedule(
         rest = schedule.inverse_lambda(torch.tensor(list(lams), dtype=_F64)).tolist()
         return [t0, *rest]
 
-    ref_grid = Grid.from_model_times(schedule, times_of(_reference_lams(lo, lam_hi, lam0, reference_steps, reference)))
-    if reference == "extrapolate":
-        ref = sample(net, noise, sampler="lms", order=3, grid=ref_grid, **common)
-    else:
-        ref = sample(net, noise, sampler="unipc", order=3, grid=ref_grid, **common)
+    ref_name, ref_opts = REFERENCE_SAMPLERS[reference]
+    ref_grid = reference_grid(schedule, t0, reference_steps, reference, shift=s)
+    ref = sample(net, noise, sampler=ref_name, grid=ref_grid, **common, **ref_opts)
     memo.store.clear()
 
     evals = [0]
@@ -698,12 +708,33 @@ def tune_schedule(
     return tuned
 
 
+def _lowest_free_lam(schedule: Schedule, lam0: float, shift: float) -> float:
+    """Lower bound in lambda of the levels after the first: the first level's own lambda, or where
+    that is -inf (alpha = 0), the schedule's noisiest finite level, shifted."""
+    if math.isfinite(lam0):
+        return lam0
+    lam_lo, lam_hi = lambda_range(schedule)
+    return min(lam_lo - math.log(shift), lam_hi - 1.0)
+
+
+def reference_grid(schedule: Schedule, first_time: float, steps: int = 200, reference: str = "extrapolate",
+                   shift: float = 1.0) -> Grid:
+    """The grid of the fine reference solve from ``first_time`` (run it with
+    ``REFERENCE_SAMPLERS[reference]``): see :func:`_reference_lams`."""
+    if reference not in REFERENCE_SAMPLERS:
+        raise ValueError(f"reference must be one of {sorted(REFERENCE_SAMPLERS)}, got {reference!r}")
+    lam0 = float(schedule.lam(first_time))
+    lo, hi = _lowest_free_lam(schedule, lam0, shift), lambda_range(schedule)[1]
+    rest = schedule.inverse_lambda(torch.tensor(_reference_lams(lo, hi, lam0, steps, reference), dtype=_F64))
+    return Grid.from_model_times(schedule, [float(first_time), *rest.tolist()])
+
+
 def _reference_lams(lo: float, hi: float, lam0: float, steps: int, reference: str) -> list[float]:
     """Levels 1.. of the reference grid in lambda. ``'denoise'``: uniform in lambda up to the
     cleanest trained level (the last step returns the denoised sample there). ``'extrapolate'``: the
     same up to twice the cleanest VE sigma ``rho_min``, then 4 steps linear in rho down to rho_min,
-    so that LMS's last step (a cubic in rho through the last nodes, integrated to rho = 0)
-    extrapolates the ODE from nodes spaced on the scale of the step it takes."""
+    so that the last step of third-order LMS (a quadratic in rho through the last three nodes,
+    integrated to rho = 0) extrapolates the ODE from nodes spaced on the scale of the step it takes."""
     n_main = steps if reference == "denoise" else steps - _TAIL
     top = hi if reference == "denoise" else hi - math.log(2.0)
     if reference == "extrapolate" and not top > lo + 1.0:
@@ -714,9 +745,6 @@ def _reference_lams(lo: float, hi: float, lam0: float, steps: int, reference: st
         rho_min = math.exp(-hi)
         lams += [-math.log(r) for r in torch.linspace(2 * rho_min, rho_min, _TAIL + 1, dtype=_F64)[1:].tolist()]
     return lams
-
-
-_TAIL = 4
 
 
 def _recommended_spacing(schedule: Schedule, nfe: int) -> str:
@@ -884,7 +912,9 @@ def use_tuned(
 # command line: noisewise tune-schedule
 # ------------------------------------------------------------------------------------------------
 
-CALIBRATION_PROMPT_SEED = 20_000  # shapes captions for calibration prompts: seed CALIBRATION_PROMPT_SEED + --seed
+# calibration prompts: shapes captions from benchmark_prompts(seed=CALIBRATION_PROMPT_SEED + --seed); the
+# evaluation benchmarks use seeds 20_000 (bench_models, bench_tuning) and 30_000 (training samples)
+CALIBRATION_PROMPT_SEED = 40_000
 
 
 def add_cli(sub: Any) -> argparse.ArgumentParser:
@@ -911,11 +941,17 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def calibration_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` shapes captions for calibrating a text-to-image model (disjoint from the benchmark prompts)."""
+    from .shapes.evaluator import benchmark_prompts
+
+    return benchmark_prompts(n, seed=CALIBRATION_PROMPT_SEED + seed)
+
+
 def cmd_tune_schedule(a: argparse.Namespace) -> int:
     """``noisewise tune-schedule``: tune for a text-to-image model and save to the cache file."""
     from .cli import UserError
     from .pipeline.t2i import Pipeline
-    from .shapes.dataset import captions_at, scene_at
 
     if a.nfe < 2:
         raise UserError(f"--nfe must be >= 2, got {a.nfe}")
@@ -930,8 +966,7 @@ def cmd_tune_schedule(a: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     sampler = a.sampler or pipe.defaults["sampler"]
     w = float(a.guidance_scale if a.guidance_scale is not None else pipe.defaults["guidance_scale"])
-    ps = CALIBRATION_PROMPT_SEED + a.seed
-    prompts = [captions_at(scene_at(ps, i), ps, i, 1)[0] for i in range(a.batch)]
+    prompts = calibration_prompts(a.batch, a.seed)
     cond = pipe.encode_prompt(prompts)
     uncond = pipe.encode_prompt([pipe.defaults["negative_prompt"]] * a.batch)
     opts = {} if a.order is None else {"order": a.order}
