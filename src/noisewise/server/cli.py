@@ -22,7 +22,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     cfg = ServerConfig(
         models=models, preload=_csv(a.preload) if a.preload is not None else models[:1], max_active=a.max_active,
         max_queue=a.max_queue, max_batch=a.max_batch, max_steps=a.max_steps, max_images=a.max_images,
-        request_timeout_s=a.timeout, batching=not a.no_batching, device=a.device,
+        request_timeout_s=a.timeout, batching=not a.no_batching, device=a.device, torch_threads=a.torch_threads,
     )
     serve(a.host, a.port, cfg, log_level=a.log_level)
     return 0
@@ -63,6 +63,7 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is cancelled (504)")
     s.add_argument("--no-batching", action="store_true", help="serve one request at a time (for comparison)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
 

@@ -75,6 +75,7 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     batching: bool = True
     device: str = "cpu"
+    torch_threads: int | None = None  # intra-op threads (1 is best on a small, shared CPU)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -206,6 +207,10 @@ class GenerationService:
         self.running = 0
         self.draining = False
         self.jobs: set[GenerationJob] = set()
+        if self.config.torch_threads:
+            import torch
+
+            torch.set_num_threads(int(self.config.torch_threads))
 
     # -- models -------------------------------------------------------------------------------
     @property
