@@ -79,7 +79,7 @@ def test_cfg_is_the_same_in_x0_eps_v_and_flow_space(sampler: str) -> None:
 def test_guided_denoiser_is_the_exact_guided_posterior_mean() -> None:
     B, cls = 16, classes(16)
     x = 1.3 * noise(B, 1)
-    md = nw.ModelDenoiser(GMM.model(SCHED), "v_prediction" if False else "epsilon")
+    md = nw.ModelDenoiser(GMM.model(SCHED), "epsilon")
     D = GuidedDenoiser(md, cond=cls, uncond=UNCOND, guidance_scale=4.0, batch=B)
     for t in (900.0, 500.0, 120.0, 10.0):
         lv = nw.Grid.from_model_times(SCHED, [t], final="zero")[0]
@@ -171,7 +171,7 @@ def test_guidance_interval_saves_exactly_the_nfe_outside_it(sampler: str, spacin
                   uncond=UNCOND, guidance_scale=4.0, guidance=Interval(lo, hi), return_info=True)
     inside = 0
     for rows, c, t in spy.calls:
-        lv = nw.Grid.from_model_times(SCHED, [t], final="none" if False else "zero")[0]
+        lv = nw.Grid.from_model_times(SCHED, [t])[0]
         ve = lv.sigma / lv.alpha
         guided = lo < ve <= hi
         inside += guided

@@ -291,6 +291,8 @@ class GuidedDenoiser:
         self._any = bool(needs.any())
         self._idx_host = None if self._all else needs.nonzero().reshape(-1)
         self._idx: dict[torch.device, Tensor | None] = {}
+        self._guided_scale = self.scale if self._idx_host is None else self.scale[self._idx_host]
+        self._scale_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
         if self.auto is not None:
             self.guide: CondDenoise | None = self._build_guide(self.auto)
@@ -409,9 +411,15 @@ class GuidedDenoiser:
             out = self._forward(self.denoise, rows, level, conds)
             c, u = out[:B], out[B:]
         cg = c if idx is None else c.index_select(0, idx)
-        g = self.combine(cg, u, xg, level, self.scale if idx is None else self.scale[self._idx_host])
+        g = self.combine(cg, u, xg, level, self._guided_scale)
         out = g if idx is None else c.index_copy(0, idx, g)
         return self._finish(out)
+
+    def _on_device(self, scale: Tensor, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._scale_on:  # one host-to-device copy per run, not per step
+            self._scale_on[key] = _bshape(scale, like)
+        return self._scale_on[key]
 
     def _finish(self, x0: Tensor) -> Tensor:
         if self.threshold is not None:
@@ -427,7 +435,7 @@ class GuidedDenoiser:
             w = _bshape(cfgpp_scale(scale, h), c)  # type: ignore[arg-type]
             g = cfg(c, u, w)
         else:
-            w = _bshape(scale, c)
+            w = self._on_device(scale, c) if scale is self._guided_scale else _bshape(scale, c)
             space = _usable(comb.space, level)  # type: ignore[attr-defined]
             cs, us = to_space(c, x, level, space), to_space(u, x, level, space)
             if isinstance(comb, CFG):
