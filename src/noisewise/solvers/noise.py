@@ -88,7 +88,9 @@ class BrownianTreeNoise:
     """Brownian-motion increments, one ``torchsde.BrownianTree`` per sample, over time
     :func:`brownian_time` in [0, 1]; each call returns ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``.
 
-    Seeds: ``seeds`` (one int per sample), or drawn from ``generator`` (one per sample) on first use.
+    Seeds: ``seeds`` (one int per sample, or one for the batch), or drawn from ``generator`` on first
+    use: a list of generators gives one tree per sample; a single generator (or None) one tree for the
+    whole batch, which is much faster for large batches.
     Intervals shorter than ``100 * tol`` (degenerate steps) get fresh normal noise from a per-sample
     generator derived from the seed instead (torchsde recurses without end on them).
     Needs the optional dependency ``torchsde`` (``pip install torchsde``).
@@ -100,6 +102,7 @@ class BrownianTreeNoise:
         self.tol = tol
         self._trees: list[Any] | None = None
         self._fallback: list[torch.Generator] = []
+        self._batched = True
 
     def _build(self, x: Tensor) -> None:
         try:
@@ -110,11 +113,14 @@ class BrownianTreeNoise:
         seeds = self.seeds
         if seeds is None:
             _check_generators(self.generator, b)
-            gens = self.generator if isinstance(self.generator, (list, tuple)) else [self.generator] * b
-            seeds = [int(torch.randint(0, 2**62, (), generator=g)) for g in gens]
-        elif len(seeds) != b:
-            raise ValueError(f"got {len(seeds)} seeds for a batch of {b}: pass one per sample")
-        w0 = torch.zeros_like(x[0])
+            if isinstance(self.generator, (list, tuple)):
+                seeds = [int(torch.randint(0, 2**62, (), generator=g)) for g in self.generator]
+            else:  # one tree for the whole batch (a single generator couples the batch anyway)
+                seeds = [int(torch.randint(0, 2**62, (), generator=self.generator))]
+        elif len(seeds) not in (1, b):
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {b}: pass one per sample (or one)")
+        self._batched = len(seeds) > 1 or b == 1
+        w0 = torch.zeros_like(x[0] if self._batched else x)
         self._trees = [torchsde.BrownianTree(0.0, w0, 1.0, entropy=s, tol=self.tol) for s in seeds]
         self._fallback = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds]
 
@@ -126,7 +132,7 @@ class BrownianTreeNoise:
         lo, hi = min(t0, t1), max(t0, t1)
         if hi - lo < 100 * self.tol:
             return randn_like(x, self._fallback if len(self._fallback) > 1 else self._fallback[0])
-        w = torch.stack([tree(lo, hi) for tree in self._trees])
+        w = torch.stack([tree(lo, hi) for tree in self._trees]) if self._batched else self._trees[0](lo, hi)
         return (w / math.sqrt(hi - lo)).to(x.dtype)
 
 
