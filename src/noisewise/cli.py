@@ -1,0 +1,209 @@
+"""``noisewise`` command line: a thin layer over the Python API.
+
+    noisewise generate "a large red circle on the left" --out out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "shapes-vp"
+
+
+class UserError(Exception):
+    """A mistake in the command's input: reported as one line, exit status 2."""
+
+
+def _int_range(lo: int, hi: int, what: str) -> Any:
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {s!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{what} must be from {lo} to {hi}, got {v}")
+        return v
+
+    return parse
+
+
+def _float_range(lo: float, hi: float, what: str) -> Any:
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {s!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{what} must be from {lo:g} to {hi:g}, got {v:g}")
+        return v
+
+    return parse
+
+
+def _check_writable(out: Path) -> None:
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must be a .png path, got {str(out)!r}")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {str(parent)!r}: {e.strerror or e}") from None
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"cannot write to {str(out)!r}: permission denied")
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'image.png')!r}")
+
+
+def _save_png(image: Any, path: Path, meta: dict[str, Any], scale: int) -> None:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(meta))
+    for k, v in meta.items():
+        if isinstance(v, (str, int, float)):
+            info.add_text(k, str(v))
+    img = Image.fromarray(image)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path, pnginfo=info)
+
+
+def _grid(images: Any, cols: int, pad: int = 1) -> Any:
+    import numpy as np
+
+    n, h, w, c = images.shape
+    rows = (n + cols - 1) // cols
+    g = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, c), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        g[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = im
+    return g
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import Pipeline
+
+    out = Path(a.out)
+    _check_writable(out)
+    if a.sampler is not None:
+        from .solvers import get_sampler
+
+        try:  # before loading the model: a typo should cost nothing
+            get_sampler(a.sampler)
+        except (KeyError, ValueError) as e:
+            raise UserError(str(e).strip("'\"")) from None
+    device = a.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    try:
+        pipe = Pipeline.from_pretrained(a.model, device=device)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UserError(str(e)) from None
+    steps = a.steps if a.steps is not None else pipe.defaults["steps"]
+    bar = None
+    if not a.quiet:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc="sampling", unit="step", leave=False, file=sys.stderr)
+        except ImportError:  # pragma: no cover
+            bar = None
+
+    def on_step(info: Any) -> None:
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        res = pipe(
+            a.prompt, negative_prompt=a.negative_prompt, num_images=a.num_images, seed=a.seed,
+            sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale, callback=on_step,
+        )
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    view = res.images[0] if len(res) == 1 else _grid(res.images, min(len(res), a.cols))
+    view_meta = dict(res.metadata[0], num_images=len(res), seeds=[m["seed"] for m in res.metadata])
+    view_meta.pop("seed")
+    view_meta["seed"] = a.seed
+    written = []
+    try:
+        _save_png(view, out, view_meta, a.scale)
+        written.append(str(out))
+        for i, (img, meta) in enumerate(zip(res.images, res.metadata)):
+            p = out.with_name(f"{out.stem}-{i}{out.suffix}")
+            _save_png(img, p, meta, 1)
+            written.append(str(p))
+    except OSError as e:
+        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+    what = f"a grid of {len(res)} images" if len(res) > 1 else "the image"
+    print(f"wrote {out} ({what}, {a.scale}x pixel-exact view) and {len(res)} native "
+          f"{res.images.shape[1]}x{res.images.shape[2]} PNG(s): {', '.join(written[1:])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="noisewise", description="Sampling and guidance for diffusion and flow models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser(
+        "generate", help="text-to-image with a shipped model or a diffusers-style folder",
+        description="Generate images from a prompt. Every parameter is stored in the PNGs' text metadata.",
+    )
+    g.add_argument("prompt", help='what to draw, e.g. "a large red circle on the left" ("" = unconditional)')
+    g.add_argument("--negative-prompt", default=None,
+                   help='what to steer away from (default: the model\'s, "blurry, watermark"; "" for none)')
+    g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
+    g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
+    g.add_argument("--steps", type=_int_range(1, 1000, "--steps"), default=None, help="default: the model's (20)")
+    g.add_argument("--guidance-scale", type=_float_range(0.0, 50.0, "--guidance-scale"), default=None,
+                   help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--seed", type=_int_range(0, 2**62, "--seed"), default=0, help="image i uses seed + i")
+    g.add_argument("--num-images", type=_int_range(1, 64, "--num-images"), default=1)
+    g.add_argument("--out", default="out.png", help="the viewable PNG; native images go to <out>-<i>.png")
+    g.add_argument("--scale", type=_int_range(1, 64, "--scale"), default=8, help="pixel-exact upscaling of the view")
+    g.add_argument("--cols", type=_int_range(1, 64, "--cols"), default=4, help="grid columns for several images")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+    from .tuning import add_cli as add_tune_schedule  # noisewise tune-schedule (docs/tuning.md)
+
+    add_tune_schedule(sub)
+    from .server.cli import add_cli as add_serve_batch  # noisewise serve / batch (docs/serving.md)
+
+    add_serve_batch(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="noisewise: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "diffusers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"noisewise: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"noisewise: error: {e}. Install the model extras: pip install 'noisewise[models]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

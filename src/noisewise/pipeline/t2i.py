@@ -1,0 +1,289 @@
+"""Text-to-image: text encoder -> guided denoiser -> noisewise sampler -> VAE decoder.
+
+The pipeline only composes. Models load from a diffusers-style folder (``model_index.json``,
+``unet/``, ``vae/``, ``scheduler/scheduler_config.json``; optionally ``text_encoder/`` +
+``tokenizer/``) through diffusers' and transformers' own classes, the same code path for the
+shipped ``shapes-*`` models and for a user's checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.schedules import Schedule
+from .text import DEFAULT_TEXT_ENCODER, TextEncoder
+from .vae import LatentCodec, tensor_to_images
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+DEFAULT_NEGATIVE_PROMPT = "blurry, watermark"
+MAX_IMAGES = 64
+MAX_STEPS = 1000
+MAX_GUIDANCE = 50.0
+
+
+def weights_root() -> Path:
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+def available_models() -> dict[str, Path]:
+    """Shipped text-to-image models: name -> folder."""
+    root = weights_root()
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "model_index.json").is_file()}
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
+    """A shipped model name or a folder holding ``model_index.json``; a teaching error otherwise."""
+    models = available_models()
+    s = str(name_or_path)
+    if s in models:
+        return models[s]
+    p = Path(s).expanduser()
+    if p.is_dir():
+        if (p / "model_index.json").is_file() or (p / "unet").is_dir():
+            return p
+        raise ValueError(
+            f"{p} is not a model folder: expected model_index.json with unet/, vae/ and scheduler/ inside "
+            "(a diffusers-style pipeline folder)"
+        )
+    hint = difflib.get_close_matches(s, list(models), n=1)
+    did = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ValueError(f"unknown model {s!r}{did} Shipped models: {', '.join(models) or 'none'}; or pass a folder path")
+
+
+def _component_dir(root: Path, index: dict[str, Any], name: str) -> Path:
+    direct = root / name
+    if direct.is_dir():
+        return direct
+    rel = index.get("_noisewise", {}).get("components", {}).get(name)
+    if rel is not None and (root / rel).is_dir():
+        return (root / rel).resolve()
+    raise FileNotFoundError(f"model folder {root} has no {name}/ component")
+
+
+@dataclass
+class GenerationResult:
+    """``images``: uint8 ``(N, H, W, 3)``; ``metadata``: one dict per image with every parameter
+    needed to reproduce it (its own ``seed``)."""
+
+    images: np.ndarray
+    metadata: list[dict[str, Any]]
+    nfe: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class Pipeline:
+    """Text-to-image pipeline over a ``UNet2DConditionModel``, an ``AutoencoderKL`` and a schedule.
+
+    ``pipe = Pipeline.from_pretrained("shapes-vp")``; ``pipe("a red circle", num_images=4, seed=0)``.
+    """
+
+    def __init__(
+        self,
+        unet: Any,
+        codec: LatentCodec,
+        text_encoder: TextEncoder,
+        schedule: Schedule,
+        *,
+        name: str = "custom",
+        defaults: dict[str, Any] | None = None,
+        source: Path | None = None,
+        index: dict[str, Any] | None = None,
+    ) -> None:
+        self.unet = unet
+        self.codec = codec
+        self.text_encoder = text_encoder
+        self.schedule = schedule
+        self.name = name
+        self.defaults = {
+            "sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 7.5, "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+            **(defaults or {}),
+        }
+        self.source = source
+        self.index = index or {}
+        cfg = unet.config
+        self.sample_size = int(cfg.sample_size) * codec.downsample
+        self.latent_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Pipeline:
+        """Load a shipped model (``"shapes-vp"``, ``"shapes-flow"``) or a diffusers-style folder."""
+        root = resolve_model(name_or_path)
+        index_file = root / "model_index.json"
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(_component_dir(root, index, "unet")), torch_dtype=dtype)
+        unet = unet.eval().requires_grad_(False).to(device)
+        codec = LatentCodec.from_pretrained(_component_dir(root, index, "vae"), dtype=dtype)
+        codec.vae.to(device)
+        schedule = Schedule.from_diffusers(_component_dir(root, index, "scheduler"))
+        nw = index.get("_noisewise", {})
+        max_len = int(nw.get("text_max_length", 77))
+        if (root / "text_encoder").is_dir():
+            tok = root / "tokenizer" if (root / "tokenizer").is_dir() else None
+            text = TextEncoder(root / "text_encoder", tokenizer_path=tok, max_length=max_len, device=device)
+        else:
+            te = index.get("text_encoder", [None, DEFAULT_TEXT_ENCODER])
+            te_name = te[1] if isinstance(te, list) and len(te) > 1 else DEFAULT_TEXT_ENCODER
+            if te_name != DEFAULT_TEXT_ENCODER:
+                raise ValueError(
+                    f"model {root} names text encoder {te_name!r} but has no text_encoder/ folder; "
+                    f"add text_encoder/ and tokenizer/ folders or use {DEFAULT_TEXT_ENCODER!r}"
+                )
+            text = TextEncoder(None, max_length=max_len, device=device)
+        name = root.name if str(name_or_path) not in available_models() else str(name_or_path)
+        return cls(unet, codec, text, schedule, name=name, defaults=nw.get("defaults"), source=root, index=index)
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        """Write a self-contained diffusers-style folder (the text encoder stays a reference unless
+        the pipeline was loaded with its own ``text_encoder/``)."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(str(out / "unet"))
+        self.codec.vae.save_pretrained(str(out / "vae"))
+        sched_dir = out / "scheduler"
+        sched_dir.mkdir(exist_ok=True)
+        src = None
+        if self.source is not None:
+            try:
+                src = _component_dir(self.source, self.index, "scheduler") / "scheduler_config.json"
+            except FileNotFoundError:
+                src = None
+        if src is not None and src.is_file():
+            shutil.copyfile(src, sched_dir / "scheduler_config.json")
+        else:
+            raise ValueError("this pipeline was not loaded from a folder; cannot write its scheduler config")
+        index = {k: v for k, v in self.index.items()}
+        nw = dict(index.get("_noisewise", {}))
+        nw.pop("components", None)
+        nw["defaults"] = dict(self.defaults)
+        nw["text_max_length"] = self.text_encoder.max_length
+        index["_noisewise"] = nw
+        (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def to(self, device: str | torch.device) -> Pipeline:
+        self.unet.to(device)
+        self.codec.vae.to(device)
+        self.text_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # -- the pieces ---------------------------------------------------------------------------
+    def model_fn(self, x: Tensor, model_time: Tensor, cond: Tensor) -> Tensor:
+        """The raw network: ``unet(x, t, encoder_hidden_states=cond)`` (cond batch-aligned with x);
+        classifier-free guidance (:mod:`noisewise.guidance`) calls it with both branches in one batch."""
+        dt = next(self.unet.parameters()).dtype
+        return self.unet(x.to(dt), model_time, encoder_hidden_states=cond.to(dt)).sample
+
+    def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
+        return self.text_encoder.encode(list(prompts)).to(self.device)
+
+    def initial_noise(self, seeds: Sequence[int]) -> Tensor:
+        """One standard-normal latent per seed (CPU generator: identical on every device)."""
+        noise = [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device)
+
+    def decode(self, latents: Tensor) -> np.ndarray:
+        return tensor_to_images(self.codec.decode(latents))
+
+    def _sample(
+        self, noise: Tensor, cond: Tensor, uncond: Tensor, guidance_scale: float, sampler: str, steps: int,
+        callback: Callable[[Any], Any] | None, model: Callable[..., Tensor] | None = None, **options: Any,
+    ) -> tuple[Tensor, int]:
+        from ..sampling import sample
+
+        model_fn = self.model_fn if model is None else model
+        res = sample(
+            model_fn, noise, schedule=self.schedule, sampler=sampler, steps=steps, cond=cond, uncond=uncond,
+            guidance_scale=guidance_scale, callback=callback, return_info=True, **options,
+        )
+        return res.x, res.nfe  # type: ignore[union-attr]
+
+    # -- the call -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str | None = None,
+        num_images: int = 1,
+        seed: int = 0,
+        sampler: str | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        callback: Callable[[Any], Any] | None = None,
+        model: Callable[..., Tensor] | None = None,
+        **sampler_options: Any,
+    ) -> GenerationResult:
+        """Generate ``num_images`` images per prompt; image ``i`` uses seed ``seed + i``.
+
+        Args:
+            prompt: a prompt, or one prompt per image (then ``num_images`` is ignored).
+            negative_prompt: replaces the unconditional branch of classifier-free guidance;
+                default: the model's (``"blurry, watermark"`` for the shapes models); ``""`` for plain CFG.
+            sampler / steps / guidance_scale: default to the model's recommendation.
+            model: a stand-in for the network called as ``model(x, model_time, cond)`` instead of
+                :meth:`model_fn` (e.g. a :class:`noisewise.serving.ForwardBatcher` over it).
+        """
+        if isinstance(prompt, str) and (
+            isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES
+        ):
+            raise ValueError(f"num_images must be an integer from 1 to {MAX_IMAGES}, got {num_images!r}")
+        prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        sampler = sampler or self.defaults["sampler"]
+        steps = int(steps if steps is not None else self.defaults["steps"])
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be from 1 to {MAX_STEPS}, got {steps}")
+        w = float(guidance_scale if guidance_scale is not None else self.defaults["guidance_scale"])
+        if not (0.0 <= w <= MAX_GUIDANCE) or w != w:
+            raise ValueError(f"guidance_scale must be from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
+        neg = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
+        for p in dict.fromkeys(prompts):
+            if not p.strip():
+                logger.warning("empty prompt: sampling unconditionally (only the negative prompt steers)")
+        seeds = [seed + i for i in range(len(prompts))]
+        cond = self.encode_prompt(prompts)
+        uncond = self.encode_prompt([neg] * len(prompts))
+        noise = self.initial_noise(seeds)
+        latents, nfe = self._sample(noise, cond, uncond, w, sampler, steps, callback, model=model,
+                                        **sampler_options)
+        images = self.decode(latents)
+        from .. import __version__
+
+        meta = [
+            {
+                "prompt": p, "negative_prompt": neg, "model": self.name, "sampler": sampler, "steps": steps,
+                "guidance_scale": w, "seed": s, "sampler_options": {k: v for k, v in sampler_options.items()
+                                                                      if isinstance(v, (int, float, str, bool))},
+                "size": [int(images.shape[1]), int(images.shape[2])], "noisewise": __version__,
+            }
+            for p, s in zip(prompts, seeds)
+        ]
+        return GenerationResult(images, meta, nfe, {"truncated": [self.text_encoder.truncates(p) for p in prompts]})

@@ -1,0 +1,82 @@
+"""Latent <-> image through a diffusers ``AutoencoderKL`` (scaled as in diffusers).
+
+Images are float tensors in ``[0, 1]``, ``(batch, 3, H, W)``; latents are the VAE's posterior
+mean (or a sample) times ``scaling_factor`` (after subtracting ``shift_factor`` when the config has
+one), the space the denoisers are trained in.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+def images_to_tensor(images: np.ndarray | Tensor) -> Tensor:
+    """``uint8`` ``(B, H, W, 3)`` arrays (or float ``(B, 3, H, W)`` in [0, 1]) -> float ``(B, 3, H, W)``."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8 (B, H, W, 3), got {images.dtype}")
+        t = torch.from_numpy(images)
+        if t.ndim == 3:
+            t = t[None]
+        return t.permute(0, 3, 1, 2).float() / 255.0
+    if images.dtype == torch.uint8:
+        return images.permute(0, 3, 1, 2).float() / 255.0
+    return images.float()
+
+
+def tensor_to_images(x: Tensor) -> np.ndarray:
+    """float ``(B, 3, H, W)`` in [0, 1] -> ``uint8`` ``(B, H, W, 3)``."""
+    return (x.detach().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class LatentCodec:
+    """Encode images to scaled latents and decode them back with an ``AutoencoderKL``."""
+
+    def __init__(self, vae: Any) -> None:
+        self.vae = vae
+        cfg = vae.config
+        self.scaling_factor = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+        self.shift_factor = float(getattr(cfg, "shift_factor", 0.0) or 0.0)
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> LatentCodec:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype)
+        return cls(vae.eval().requires_grad_(False))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return (self.latent_channels, height // self.downsample, width // self.downsample)
+
+    @torch.no_grad()
+    def encode(
+        self, images: np.ndarray | Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Images (uint8 arrays or [0, 1] tensors) -> scaled latents (float32)."""
+        x = images_to_tensor(images).to(self.device, self.dtype) * 2.0 - 1.0
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+        return ((z.float() - self.shift_factor) * self.scaling_factor)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images, float ``(B, 3, H, W)`` in [0, 1]."""
+        z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
+        x = self.vae.decode(z).sample.float()
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)

