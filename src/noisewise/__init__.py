@@ -22,6 +22,7 @@ from .guidance import (
 )
 from .models.denoiser import ModelDenoiser, NonFiniteError
 from .models.parameterization import from_x0, to_x0
+from .pipeline import GenerationResult, Pipeline
 from .sampling import SampleResult, recommended, sample
 from .solvers import SAMPLERS, StepInfo, get_sampler, run, samplers
 from .tuning import TunedSchedule, tune_schedule
@@ -32,6 +33,7 @@ __all__ = [
     "Schedule", "DiscreteVP", "LinearVP", "CosineVP", "RectifiedFlow", "EDM", "VE",
     "Grid", "Level", "make_grid", "spacings", "samplers", "get_sampler", "SAMPLERS", "run", "StepInfo",
     "ModelDenoiser", "NonFiniteError", "to_x0", "from_x0", "sample", "SampleResult", "recommended",
+    "Pipeline", "GenerationResult",
     "tune_schedule", "TunedSchedule",
     "GuidedDenoiser", "guidance_methods", "CFG", "Rescale", "Interval", "DynamicThreshold", "APG", "CFGZeroStar",
     "CFGPlusPlus", "Autoguidance",
