@@ -199,7 +199,7 @@ K_CASES = [
     ("dpmpp_2m_sde", "sample_dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.5, "max_step_ratio": None},
      {"solver_type": "heun", "eta": 0.5}),
     ("dpmpp_3m_sde", "sample_dpmpp_3m_sde",
-     {"variant": "k-diffusion", "lower_order_final": False, "max_step_ratio": None}, {}),
+     {"variant": "k-diffusion", "lower_order_final": False, "max_step_ratio": None, "max_eta_h": None}, {}),
 ]
 
 
@@ -224,7 +224,8 @@ def test_dpmpp_3m_sde_exact_variant_differs_from_k_diffusion():
     ODE solver): our default is the exact weight, variant='k-diffusion' reproduces theirs (above)."""
     grid = nw.make_grid(vp(), 12, "karras")
     x = noise(6, seed=21)
-    kw = dict(denoiser=D, grid=grid, sampler="dpmpp_3m_sde", lower_order_final=False, max_step_ratio=None)
+    kw = dict(denoiser=D, grid=grid, sampler="dpmpp_3m_sde", lower_order_final=False, max_step_ratio=None,
+              max_eta_h=None)
     a = nw.sample(None, x, generator=gens(6), **kw)
     b = nw.sample(None, x, generator=gens(6), variant="k-diffusion", **kw)
     assert float((a - b).abs().max()) > 1e-4

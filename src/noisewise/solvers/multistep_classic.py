@@ -8,9 +8,11 @@ how they extrapolate ``eps_hat`` from past steps:
 - ``deis``: Lagrange polynomial in log rho, integrated exactly against d rho (DEIS's ``logrho`` tAB);
 - ``ipndm``: fixed Adams-Bashforth weights (1; 3/2, -1/2; 23/12 ...; 55/24 ...), as in iPNDM.
 
-Their last step into sigma = 0 is a genuine multistep step (rho' = 0 is an ordinary endpoint here, as
-in k-diffusion and diffusers), except that DEIS lowers its order at the end like diffusers. A step
-out of alpha = 0 (rho = inf) is the exact DDIM limit; LMS and DEIS then keep no history from it.
+The last step of LMS and iPNDM into sigma = 0 is a genuine multistep step (rho' = 0 is an ordinary
+endpoint of a polynomial in rho, as in k-diffusion and diffusers). DEIS's polynomial lives in log rho,
+which is -inf there, so its step into sigma = 0 is the plain denoise (diffusers' DEIS never steps to
+sigma = 0: it ends at training step 0); it also lowers its order at the end like diffusers. A step out
+of alpha = 0 (rho = inf) is the exact DDIM limit; LMS and DEIS then keep no history from it.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def lms(x: Tensor, grid: Grid, *, order: int = 4, callback: Callback | None = No
     order=3,
     options=("order", "lower_order_final"),
     notes="order = the option (1-3, default 3). lower_order_final as diffusers: below 15 steps the last "
-    "step is first order and the one before at most second order.",
+    "step is first order and the one before at most second order. A step into sigma = 0 is the plain denoise.",
 )
 def deis(
     x: Tensor, grid: Grid, *, order: int = 3, lower_order_final: bool = True, callback: Callback | None = None
@@ -124,7 +126,8 @@ def deis(
             logs = (logs + [-cur.lam])[-order:]
             eps = (eps + [(x - cur.alpha * x0) / cur.sigma])[-order:]
             k = _multistep_order(i, grid.steps, order, len(logs) - 1, lower_order_final)
-            if k == 1 and nxt.sigma == 0.0:
+            if nxt.sigma == 0.0:
+                # the log-rho polynomial would be extrapolated to log rho = -inf: denoise instead
                 x = to_final(x0, nxt)
             else:
                 y = x / cur.alpha

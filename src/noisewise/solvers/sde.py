@@ -155,15 +155,15 @@ def dpmpp_2m_sde(
     "Lu et al. 2023, DPM-Solver++(3M) with SDE-DPM-Solver++ noise (k-diffusion's sample_dpmpp_3m_sde)",
     order=3,
     stochastic=True,
-    options=("eta", "s_noise", "variant", "lower_order_final", "max_step_ratio", "noise_sampler"),
+    options=("eta", "s_noise", "variant", "lower_order_final", "max_step_ratio", "max_eta_h", "noise_sampler"),
     notes="order: of the eta = 0 limit (equals dpmpp_3m there). variant='exact' uses the exact weight of the "
     "second divided difference; variant='k-diffusion' reproduces k-diffusion, whose weight is half of it "
-    "(second order in practice). lower_order_final (below 15 steps the step before the final denoise is at "
-    "most second order, as diffusers) and max_step_ratio guard short or uneven grids; lower_order_final=False, "
-    "max_step_ratio=None is k-diffusion's behaviour. The default ratio, 1.5, is stricter than the ODE "
-    "solvers' 3: along an SDE path the data predictions carry the injected noise, which the third-order "
-    "extrapolation amplifies on growing steps (flow 'linspace' grids end with steps growing 1.4-1.7x and "
-    "over-disperse the modes otherwise; see docs/samplers.md).",
+    "(second order in practice). Guards for short, coarse or uneven grids: lower_order_final (below 15 steps "
+    "the step before the final denoise is at most second order, as diffusers), max_step_ratio (default 1.5, "
+    "stricter than the ODE solvers' 3) and max_eta_h (the third-order term only where eta * h <= 1). Along an "
+    "SDE path the data predictions carry the injected noise, which the third-order extrapolation amplifies "
+    "on long or growing steps and over-disperses the modes (see docs/samplers.md). lower_order_final=False, "
+    "max_step_ratio=None, max_eta_h=None is k-diffusion's behaviour.",
 )
 def dpmpp_3m_sde(
     x: Tensor,
@@ -174,6 +174,7 @@ def dpmpp_3m_sde(
     variant: Literal["exact", "k-diffusion"] = "exact",
     lower_order_final: bool = True,
     max_step_ratio: float | None = 1.5,
+    max_eta_h: float | None = 1.0,
     generator: Generators = None,
     noise_sampler: NoiseName | NoiseSampler | None = None,
     callback: Callback | None = None,
@@ -200,7 +201,8 @@ def dpmpp_3m_sde(
                 h_eta = (1.0 + eta) * h
                 phi_2 = math.expm1(-h_eta) / h_eta + 1.0
                 second_last = lower_order_final and grid.steps < 15 and i == grid.steps - 2
-                if x0_2 is not None and math.isfinite(h_2) and not second_last:
+                noisy = max_eta_h is not None and eta * h > max_eta_h
+                if x0_2 is not None and math.isfinite(h_2) and not second_last and not noisy:
                     r0, r1 = h_1 / h, h_2 / h
                     d1_0 = (x0 - x0_1) / r0
                     d1_1 = (x0_1 - x0_2) / r1

@@ -17,11 +17,11 @@ from .base import Callback, SolverGen, StepInfo, Tensor, ddim_step, register, to
     evals_per_step=2,
     options=("max_sigma_ratio",),
     notes="2 evaluations per step; the last step (into sigma = 0), a step out of alpha = 0 and a step that "
-    "shrinks sigma/alpha by more than max_sigma_ratio (default 20) are first order. Evaluates between grid "
+    "shrinks sigma/alpha by more than max_sigma_ratio (default 8, as heun) are first order. Evaluates between grid "
     "nodes, so the grid must carry its schedule.",
 )
 def dpm_2(
-    x: Tensor, grid: Grid, *, max_sigma_ratio: float | None = 20.0, callback: Callback | None = None
+    x: Tensor, grid: Grid, *, max_sigma_ratio: float | None = 8.0, callback: Callback | None = None
 ) -> SolverGen:
     """In VE coordinates ``y = x / alpha``, ``s = sigma / alpha``: ``y_mid = y + (s_mid - s) d``,
     ``y' = y + (s' - s) d_mid`` with ``s_mid = sqrt(s s')`` (lambda midpoint) and ``d = (y - x0) / s``.
@@ -58,11 +58,19 @@ def dpm_2(
     "FlowMatchHeunDiscreteScheduler, in flow coordinates (x / (alpha + sigma), t = sigma / (alpha + sigma))",
     order=2,
     evals_per_step=2,
-    notes="2 evaluations per step; the last step (into sigma = 0) is first order. Finite at alpha = 0 "
+    options=("max_t_ratio",),
+    notes="2 evaluations per step; the last step (into sigma = 0) and a step that shrinks the flow time t by "
+    "more than max_t_ratio (default 8, as heun's max_sigma_ratio) are first order. Finite at alpha = 0 "
     "(flow t = 1), so the first step is second order too.",
 )
-def flow_heun(x: Tensor, grid: Grid, *, callback: Callback | None = None) -> SolverGen:
-    """``z_e = z + (t' - t) v``; ``z' = z + (t' - t) (v + v(z_e, t')) / 2`` with ``v = (z - x0) / t``."""
+def flow_heun(
+    x: Tensor, grid: Grid, *, max_t_ratio: float | None = 8.0, callback: Callback | None = None
+) -> SolverGen:
+    """``z_e = z + (t' - t) v``; ``z' = z + (t' - t) (v + v(z_e, t')) / 2`` with ``v = (z - x0) / t``.
+
+    The corrector's slope at ``t'`` divides by ``t'``: on a step that shrinks t more than ``max_t_ratio``
+    times it amplifies the predictor's error, and the step keeps the Euler predictor (``None``: never,
+    as diffusers)."""
     for i in range(grid.steps):
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
@@ -75,10 +83,12 @@ def flow_heun(x: Tensor, grid: Grid, *, callback: Callback | None = None) -> Sol
             v = (z - x0) / t
             # Euler step.
             z_e = z + (t_next - t) * v
-            # Apply 2nd order correction.
-            x0_e = yield z_e * c_next, nxt
-            v_e = (z_e - x0_e) / t_next
-            x = (z + (t_next - t) * 0.5 * (v + v_e)) * c_next
+            if max_t_ratio is None or t <= max_t_ratio * t_next:
+                # Apply 2nd order correction.
+                x0_e = yield z_e * c_next, nxt
+                v_e = (z_e - x0_e) / t_next
+                z_e = z + (t_next - t) * 0.5 * (v + v_e)
+            x = z_e * c_next
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x
