@@ -247,3 +247,33 @@ def test_bad_input_fails_clearly(gmm):
         nw.sample(None, noise, schedule=sched, denoiser=D, spacing=tuned, nfe=8)
     with pytest.raises(ValueError, match="tuned on"):
         nw.sample(None, noise, schedule=nw.DiscreteVP(), denoiser=D, spacing=tuned)
+
+
+def test_cli_rejects_bad_input(capsys):
+    cli = pytest.importorskip("noisewise.cli")
+    assert cli.main(["tune-schedule", "--nfe", "1", "--model", "shapes-vp"]) == 2
+    assert "--nfe must be >= 2" in capsys.readouterr().err
+    assert cli.main(["tune-schedule", "--nfe", "4", "--model", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_tunes_a_shipped_model_and_the_pipeline_uses_it(tmp_path, monkeypatch, capsys):
+    cli = pytest.importorskip("noisewise.cli")
+    pytest.importorskip("diffusers")
+    from noisewise.pipeline import Pipeline, available_models
+
+    if "shapes-vp" not in available_models():
+        pytest.skip("shapes-vp weights not installed")
+    path = tmp_path / "cache.json"
+    monkeypatch.setenv(tuning.CACHE_ENV, str(path))
+    assert cli.main(["tune-schedule", "--model", "shapes-vp", "--sampler", "dpmpp_2m", "--nfe", "3", "--batch", "2",
+                     "--max-evals", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["cache_file"] == str(path) and printed["nfe"] == 3
+    tuning.clear_cache()
+    pipe = Pipeline.from_pretrained("shapes-vp")  # a new instance: found by the weights' hash, from the file
+    res = pipe("a red circle", sampler="dpmpp_2m", steps=3, spacing="tuned")
+    assert res.nfe == 6  # 3 guided steps
+    with pytest.raises(ValueError, match="no tuned schedule is cached"):
+        pipe("a red circle", sampler="dpmpp_2m", steps=4, spacing="tuned")

@@ -53,6 +53,11 @@ def spacings() -> list[str]:
 def get_spacing(name: str) -> Callable[..., torch.Tensor]:
     if name in SPACINGS:
         return SPACINGS[name]
+    if name == "tuned":
+        raise ValueError(
+            "spacing 'tuned' is looked up per model: use nw.sample(model, ..., spacing='tuned') after "
+            "nw.tune_schedule(model, ...), or pass the TunedSchedule it returned as the spacing (docs/tuning.md)"
+        )
     close = difflib.get_close_matches(name, list(SPACINGS), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown spacing {name!r}{hint} Known: {', '.join(spacings())}")
