@@ -24,6 +24,10 @@ SCHEDULES = {
 }
 PREDS = ["epsilon", "v_prediction", "sample", "flow"]
 STEPS = [1, 2, 3, 4, 5, 6, 7, 10, 15, 16, 25, 100]
+# the issue-2 core samplers get the full grid; the rest (stochastic, classic multistep, adaptive)
+# a shorter step list, which keeps the suite within its time budget on a 2-core machine
+CORE = {"ddim", "euler", "heun", "flow_euler", "dpm_solver", "dpmpp_2m", "dpmpp_3m", "unipc"}
+STEPS_SHORT = [1, 2, 3, 5, 10, 16, 40]
 
 
 class Counting:
@@ -39,13 +43,14 @@ class Counting:
 @pytest.mark.parametrize("sampler", nw.samplers())
 def test_no_nan_on_the_full_grid(sched_name, sampler):
     x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
-    combos = itertools.product(nw.spacings(), STEPS)
+    combos = itertools.product(nw.spacings(), STEPS if sampler in CORE else STEPS_SHORT)
     for k, (spacing, steps) in enumerate(combos):
         pt = PREDS[k % len(PREDS)]
         s = SCHEDULES[sched_name](pt)
         model = Counting(GMM.model(s, pt))
+        gens = [torch.Generator().manual_seed(k * 10 + i) for i in range(x.shape[0])]
         try:
-            out = nw.sample(model, x, schedule=s, sampler=sampler, steps=steps, spacing=spacing)
+            out = nw.sample(model, x, schedule=s, sampler=sampler, steps=steps, spacing=spacing, generator=gens)
         except ValueError as e:
             # a refusal must come before any model call and say why
             assert model.calls == 0, (spacing, steps, pt, e)
@@ -56,7 +61,7 @@ def test_no_nan_on_the_full_grid(sched_name, sampler):
         assert float(out.abs().max()) < 3.0, (spacing, steps, pt, out)
 
 
-@pytest.mark.parametrize("sampler", nw.samplers())
+@pytest.mark.parametrize("sampler", sorted(CORE))
 def test_every_step_count_1_to_100(sampler):
     s = nw.DiscreteVP(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
     x = torch.randn(2, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -75,7 +80,8 @@ def test_final_step_and_first_step_at_both_ends():
         assert g[0].alpha == 0.0 and g[-1].sigma == 0.0
         x = torch.randn(64, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
         for name in nw.samplers():
-            out = nw.sample(GMM.model(s), x, schedule=s, sampler=name, steps=10, spacing=spacing)
+            gens = [torch.Generator().manual_seed(i) for i in range(x.shape[0])]
+            out = nw.sample(GMM.model(s), x, schedule=s, sampler=name, steps=10, spacing=spacing, generator=gens)
             assert bool(torch.isfinite(out).all()), name
             # samples land near the data: mean distance to the nearest mode is small
             d = torch.cdist(out, GMM.means).min(dim=1).values
