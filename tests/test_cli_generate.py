@@ -18,8 +18,8 @@ from noisewise.pipeline import available_models  # noqa: E402
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "2"}
+def run_cli(*args: str, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **extra_env, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, "-m", "noisewise.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -58,12 +58,15 @@ def test_generate_writes_pngs_with_parameters(tmp_path):
         (["--num-images", "100000"], "--num-images must be from 1 to 64"),
         (["--steps", "0"], "--steps must be from 1 to 1000"),
         (["--sampler", "dpm++2m", "--steps", "1"], "dpmpp_2m"),
+        (["--spacing", "karas", "--steps", "1"], "did you mean 'karras'"),
+        (["--spacing", "tuned", "--steps", "3"], "noisewise tune-schedule --model shapes-vp --sampler dpmpp_2m --nfe 3"),
     ],
 )
 def test_user_mistakes_exit_cleanly(args, message, tmp_path):
     if args[0] == "--out" and args[1].endswith(".jpg"):
         args = ["--out", str(tmp_path / "x.jpg")]
     out = [] if args[0] == "--out" else ["--out", str(tmp_path / "o.png")]
-    r = run_cli("generate", "a red circle", *out, *args, "--quiet")
+    r = run_cli("generate", "a red circle", *out, *args, "--quiet",
+                NOISEWISE_TUNED_CACHE=str(tmp_path / "no-tuned-schedules.json"))
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -277,3 +278,13 @@ def test_cli_tunes_a_shipped_model_and_the_pipeline_uses_it(tmp_path, monkeypatc
     assert res.nfe == 6  # 3 guided steps
     with pytest.raises(ValueError, match="no tuned schedule is cached"):
         pipe("a red circle", sampler="dpmpp_2m", steps=4, spacing="tuned")
+    # the command line: generate --spacing tuned finds it too, and records the spacing
+    out = tmp_path / "img.png"
+    assert cli.main(["generate", "a red circle", "--sampler", "dpmpp_2m", "--steps", "3", "--spacing", "tuned",
+                     "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    from PIL import Image
+
+    meta = json.loads(Image.open(out).text["parameters"])
+    assert meta["sampler_options"]["spacing"] == "tuned" and meta["steps"] == 3
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "img-0.png").convert("RGB")),
+                                  pipe("a red circle", sampler="dpmpp_2m", steps=3, spacing="tuned").images[0])

@@ -102,6 +102,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
             get_sampler(a.sampler)
         except (KeyError, ValueError) as e:
             raise UserError(str(e).strip("'\"")) from None
+    if a.spacing is not None and a.spacing != "tuned":
+        from .core.spacing import get_spacing
+
+        try:
+            get_spacing(a.spacing)
+        except ValueError as e:
+            raise UserError(str(e) + ", or tuned") from None
     device = a.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,9 +136,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
         res = pipe(
             a.prompt, negative_prompt=a.negative_prompt, num_images=a.num_images, seed=a.seed,
             sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale, callback=on_step,
+            **({"spacing": a.spacing} if a.spacing is not None else {}),
         )
     except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
+        msg = str(e)
+        if a.spacing == "tuned" and "no tuned schedule is cached" in msg:
+            import re
+
+            sampler = a.sampler or pipe.defaults["sampler"]
+            w = a.guidance_scale if a.guidance_scale is not None else pipe.defaults["guidance_scale"]
+            found = re.search(r"at (\d+) NFE", msg)
+            nfe = found.group(1) if found else "N"
+            msg = (f"{msg.split('; call')[0]}; tune one first (a few minutes): noisewise tune-schedule --model "
+                   f"{a.model} --sampler {sampler} --nfe {nfe} --guidance-scale {w:g} (docs/tuning.md)")
+        raise UserError(msg) from None
     finally:
         if bar is not None:
             bar.close()
@@ -169,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
     g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
     g.add_argument("--steps", type=_int_range(1, 1000, "--steps"), default=None, help="default: the model's (20)")
+    g.add_argument("--spacing", default=None,
+                   help="where the steps sit: leading, trailing, linspace, karras, exponential, uniform_lambda, "
+                        "time_quadratic, beta, or tuned (a schedule stored by `noisewise tune-schedule` for this "
+                        "model, sampler, NFE and guidance scale); default: the sampler's recommendation")
     g.add_argument("--guidance-scale", type=_float_range(0.0, 50.0, "--guidance-scale"), default=None,
                    help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--seed", type=_int_range(0, 2**62, "--seed"), default=0, help="image i uses seed + i")
