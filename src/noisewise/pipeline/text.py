@@ -7,15 +7,17 @@ the unconditional states that classifier-free guidance needs. transformers loads
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .embcache import DEFAULT_CACHE_BYTES, EmbeddingCache
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,16 @@ class TextEncoder:
         path: a folder with a transformers model (``config.json`` + weights) and, unless
             ``tokenizer_path`` is given, its tokenizer; ``None`` = the bundled MiniLM.
         max_length: prompts are padded / truncated to this many tokens (truncation warns).
-        cache_size: how many prompts' states to keep (LRU); 0 disables the cache.
+        cache_bytes: memory budget of the embedding cache (LRU, bytes of stored states); 0 disables it.
+        cache_size: optionally also at most this many prompts (0 disables the cache).
+        cache: an :class:`EmbeddingCache` to share between encoders (keys include the encoder's
+            identity, so sharing is safe); default: a private one.
         device, dtype: where and in what precision the encoder runs.
+
+    The cache is keyed by content: ``(encoder_id, prompt)``, where :attr:`encoder_id` fingerprints
+    the weights files, config, tokenizer files, ``max_length``, dtype, device type and any
+    quantization. Prompts in :attr:`pinned_prompts` (the pipeline adds its default negative
+    prompt) are never evicted.
     """
 
     def __init__(
@@ -53,7 +63,9 @@ class TextEncoder:
         *,
         tokenizer_path: str | os.PathLike[str] | None = None,
         max_length: int = 32,
-        cache_size: int = 4096,
+        cache_size: int | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache: EmbeddingCache | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -62,20 +74,29 @@ class TextEncoder:
         self.path = str(path) if path is not None else None
         self.tokenizer_path = str(tokenizer_path) if tokenizer_path is not None else None
         self.max_length = int(max_length)
-        self.cache_size = int(cache_size)
+        self.cache_size = None if cache_size is None else int(cache_size)
         self.device = torch.device(device)
         self.dtype = dtype
         self._model: Any = None
         self._tokenizer: Any = None
-        self._cache: OrderedDict[str, Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        if cache is None:
+            cache = EmbeddingCache(0 if cache_size == 0 else int(cache_bytes), max_entries=self.cache_size)
+        self.cache = cache
+        self.pinned_prompts: set[str] = set()
+        self.variant = ""  # e.g. "int8-dynamic" once quantized: part of the cache key
+        self._id: str | None = None
+        self._load_lock = threading.RLock()
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not thread-safe ("Already borrowed")
 
     # -- loading ------------------------------------------------------------------------------
     def _load(self) -> None:
         if self._model is not None:
             return
+        with self._load_lock:
+            if self._model is None:
+                self._load_locked()
+
+    def _load_locked(self) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import transformers
@@ -99,24 +120,69 @@ class TextEncoder:
         self._load()
         return int(self._model.config.hidden_size)
 
-    def to(self, device: str | torch.device) -> TextEncoder:
-        self.device = torch.device(device)
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
+        """Move / cast the encoder; cached states of the old configuration stop matching (new key)."""
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
         if self._model is not None:
-            self._model.to(self.device)
-        self._cache.clear()
+            self._model.to(device=self.device, dtype=self.dtype)
+        self._id = None
         return self
+
+    @property
+    def model(self) -> Any:
+        """The transformers model (loaded on first use)."""
+        self._load()
+        return self._model
+
+    @model.setter
+    def model(self, m: Any) -> None:
+        """Replace the network (e.g. a quantized copy); set :attr:`variant` so the cache key changes."""
+        self._load()
+        self._model = m
+        self._id = None
+
+    @property
+    def encoder_id(self) -> str:
+        """Content fingerprint of everything that determines the states (see the class docstring)."""
+        if self._id is None:
+            self._id = self._fingerprint()
+        return self._id
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        path = Path(self.path or default_text_encoder_path()).resolve()
+        tok = Path(self.tokenizer_path).resolve() if self.tokenizer_path else path
+        for folder in dict.fromkeys((path, tok)):
+            h.update(str(folder).encode())
+            if not folder.is_dir():
+                continue
+            for f in sorted(folder.iterdir()):
+                if not f.is_file():
+                    continue
+                st = f.stat()
+                if f.suffix in (".json", ".txt", ".model") and st.st_size < 8 * 2**20:
+                    h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+                else:  # weights: name, size and modification time (hashing gigabytes would cost seconds)
+                    h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"|{self.max_length}|{self.dtype}|{self.device.type}|{self.variant}".encode())
+        return h.hexdigest()[:32]
 
     # -- encoding -----------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str], check: bool = True) -> tuple[dict[str, Tensor], list[bool]]:
         """Token ids padded to ``max_length``; also which prompts were truncated (if ``check``)."""
         self._load()
         truncated = [False] * len(prompts)
-        if check:
-            full = self._tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-            truncated = [len(ids) > self.max_length for ids in full]
-        batch = self._tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        with self._tok_lock:  # fast tokenizers mutate their padding/truncation state per call
+            if check:
+                full = self._tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+                truncated = [len(ids) > self.max_length for ids in full]
+            batch = self._tokenizer(
+                list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                return_tensors="pt",
+            )
         return dict(batch), truncated
 
     @torch.no_grad()
@@ -143,30 +209,42 @@ class TextEncoder:
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [str(p) for p in prompts]
-        if self.cache_size <= 0:
+        if not self.cache.enabled:
             return self.encode_uncached(prompts)
-        with self._lock:
-            missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-            self.hits += len(prompts) - sum(1 for p in prompts if p in missing)
+        eid = self.encoder_id
+        found = self.cache.lookup([(eid, p) for p in prompts])
+        missing = list(dict.fromkeys(p for p, t in zip(prompts, found) if t is None))
+        for p in self.pinned_prompts.intersection(p for p, t in zip(prompts, found) if t is not None):
+            self.cache.pin((eid, p))  # cached before it was pinned (e.g. a shared cache)
+        fresh: dict[str, Tensor] = {}
         if missing:
             states = self.encode_uncached(missing)
-            with self._lock:
-                self.misses += len(missing)
-                for p, s in zip(missing, states):
-                    self._cache[p] = s
-                    self._cache.move_to_end(p)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-                out = torch.stack([self._cache[p] if p in self._cache else states[missing.index(p)] for p in prompts])
-        else:
-            with self._lock:
-                for p in prompts:
-                    self._cache.move_to_end(p)
-                out = torch.stack([self._cache[p] for p in prompts])
-        return out.clone()
+            for p, st in zip(missing, states):
+                fresh[p] = st
+                self.cache.put((eid, p), st, pin=p in self.pinned_prompts)
+        return torch.stack([t if t is not None else fresh[p] for p, t in zip(prompts, found)]).clone()
+
+    def warm(self, prompts: Sequence[str] | None = None) -> None:
+        """Encode (and pin) ``prompts``, default :attr:`pinned_prompts`, so they are served from the cache."""
+        todo = list(self.pinned_prompts if prompts is None else prompts)
+        self.pinned_prompts.update(todo)
+        if todo and self.cache.enabled:
+            eid = self.encoder_id
+            for p in todo:
+                if not self.cache.pin((eid, p)):
+                    self.cache.put((eid, p), self.encode_uncached([p])[0], pin=True)
 
     def __call__(self, prompts: str | Sequence[str]) -> Tensor:
         return self.encode(prompts)
 
-    def cache_info(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "size": len(self._cache), "max_size": self.cache_size}
+    @property
+    def hits(self) -> int:
+        return self.cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self.cache.misses
+
+    def cache_info(self) -> dict[str, Any]:
+        """Hits, misses, evictions, entries, pinned entries, bytes and the budget."""
+        return self.cache.info()

@@ -241,7 +241,6 @@ class GenerationService:
             if m is not None:
                 return m
             pipe = self._load(name)
-            _serialize_tokenizer(pipe)
             from ..serving import BatchEngine
 
             c = self.config
@@ -435,20 +434,3 @@ class GenerationService:
         self.cancel_all()
         for m in self._models.values():
             m.engine.close()
-
-
-def _serialize_tokenizer(pipe: Any) -> None:
-    """Fast (Rust) tokenizers raise "Already borrowed" when two threads set padding/truncation at
-    once; the server's request threads share one encoder, so its tokenize runs under a lock."""
-    te = getattr(pipe, "text_encoder", None)
-    if te is None or getattr(te, "_nw_serialized", False) or not hasattr(te, "tokenize"):
-        return
-    lock = threading.Lock()
-    inner = te.tokenize
-
-    def tokenize(*a: Any, **k: Any) -> Any:
-        with lock:
-            return inner(*a, **k)
-
-    te.tokenize = tokenize
-    te._nw_serialized = True
