@@ -218,6 +218,8 @@ class Pipeline:
         from ..sampling import sample
 
         model_fn = self.model_fn if model is None else model
+        if callable(getattr(model, "reset", None)):  # a stateful stand-in (e.g. DeepCacheUNet): fresh per run
+            model.reset()  # type: ignore[union-attr]
         res = sample(
             model_fn, noise, schedule=self.schedule, sampler=sampler, steps=steps, cond=cond, uncond=uncond,
             guidance_scale=guidance_scale, callback=callback, return_info=True, **options,
