@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from .core.grid import Grid, make_grid
+from .core.grid import Grid, make_grid, strength_start, truncate_grid
 from .core.schedules import Schedule
 from .guidance.guided import GuidedDenoiser
 from .models.denoiser import ModelDenoiser
@@ -115,6 +115,8 @@ def sample(
     callback: Callback | None = None,
     check_finite: bool = True,
     return_info: bool = False,
+    init: Tensor | None = None,
+    strength: float | None = None,
     **sampler_options: Any,
 ) -> Tensor | SampleResult:
     """Sample from a diffusion or flow model.
@@ -136,6 +138,11 @@ def sample(
         generator: one ``torch.Generator`` per sample for stochastic samplers.
         callback: called after every step with a :class:`StepInfo` ``(i, level, x, x0)``.
         return_info: return a :class:`SampleResult` (x, nfe, rows, grid ...) instead of a tensor.
+        init / strength: start from a noised ``init`` (a clean sample, e.g. an encoded image) instead
+            of pure noise (image-to-image): of the ``steps``-step grid only the last
+            ``int(steps * strength)`` steps run (diffusers' rule), from
+            ``alpha * init + sigma * noise`` at the first of them. ``strength=1`` (the default when
+            ``init`` is given) runs every step; ``strength=0`` runs none and returns ``init``.
         cond / uncond: conditioning for classifier-free guidance, batch-aligned (batch 1 is shared);
             the network is called as ``model(x, model_time, cond)`` with both branches concatenated
             (or ``denoiser(x, level, cond) -> x0``). See ``docs/guidance.md``.
@@ -190,8 +197,25 @@ def sample(
         )
 
     work = torch.float64 if noise.dtype == torch.float64 else torch.float32
+    if init is not None or strength is not None:
+        if init is None:
+            raise ValueError("strength= needs init= (the clean sample to noise and start from: image-to-image)")
+        if not isinstance(init, Tensor) or not init.is_floating_point():
+            raise TypeError(f"init must be a floating-point torch.Tensor, got {getattr(init, 'dtype', type(init))}")
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError("init contains NaN or Inf")
+        if init.shape != noise.shape:
+            raise ValueError(f"init shape {tuple(init.shape)} must match the noise shape {tuple(noise.shape)}")
+        full = grid
+        grid = truncate_grid(grid, strength_start(grid.steps, 1.0 if strength is None else strength))
+        if grid is None:  # strength 0 (or too small to make one step): nothing to denoise
+            out0 = init.to(noise.dtype).clone()
+            return SampleResult(out0, 0, 0, full, name, 0, 0) if return_info else out0
     first = grid[0]
-    x = noise.to(work) * math.sqrt(first.alpha**2 + first.sigma**2)
+    if init is not None:
+        x = init.to(work) * first.alpha + noise.to(work) * first.sigma
+    else:
+        x = noise.to(work) * math.sqrt(first.alpha**2 + first.sigma**2)
 
     if denoiser is None:
         if model is None:

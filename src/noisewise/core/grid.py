@@ -190,3 +190,24 @@ def make_grid(
             cache.pop(next(iter(cache)))
         cache[key] = grid
     return grid
+
+
+def strength_start(steps: int, strength: float) -> int:
+    """Index of the grid level where an image-to-image solve with ``strength`` starts.
+
+    Same rule as diffusers' img2img pipelines (``get_timesteps``): ``int(steps * strength)`` of the
+    ``steps`` steps are run, the last ones, so the solve starts at level ``steps - int(steps * strength)``.
+    ``strength = 1`` starts at the first (noisiest) level, ``strength = 0`` runs no step."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be a number from 0 to 1 (1 = start from pure noise), got {strength!r}")
+    run_steps = min(int(steps * float(strength)), steps)
+    return steps - run_steps
+
+
+def truncate_grid(grid: Grid, start: int) -> Grid | None:
+    """The grid from level ``start`` on (the same levels, fewer steps); None when no step is left."""
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= grid.steps:
+        raise ValueError(f"start must be an integer level index from 0 to {grid.steps}, got {start!r}")
+    if start == grid.steps:
+        return None
+    return grid if start == 0 else Grid(grid.levels[start:], grid.schedule)
