@@ -130,11 +130,19 @@ class Pipeline:
     ) -> Pipeline:
         """Load a shipped model (``"shapes-vp"``, ``"shapes-flow"``) or a diffusers-style folder."""
         root = resolve_model(name_or_path)
-        index_file = root / "model_index.json"
-        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        from .loading import family_of, load_checkpoint, read_index, require_safetensors
+
+        index = read_index(root)
+        family = family_of(index, root)
+        if family is not None:  # a user's diffusers checkpoint (SD 1.x/2.x, SD3): see noisewise.pipeline.loading
+            parts = load_checkpoint(root, index, family, device=device, dtype=dtype)
+            return cls(**parts, name=root.name, source=root, index=index)
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel.from_pretrained(str(_component_dir(root, index, "unet")), torch_dtype=dtype)
+        require_safetensors(_component_dir(root, index, "unet"), "unet")
+        require_safetensors(_component_dir(root, index, "vae"), "vae")
+        unet = UNet2DConditionModel.from_pretrained(str(_component_dir(root, index, "unet")), torch_dtype=dtype,
+                                                    use_safetensors=True)
         unet = unet.eval().requires_grad_(False).to(device)
         codec = LatentCodec.from_pretrained(_component_dir(root, index, "vae"), dtype=dtype)
         codec.vae.to(device)
@@ -196,12 +204,19 @@ class Pipeline:
     # -- the pieces ---------------------------------------------------------------------------
     def model_fn(self, x: Tensor, model_time: Tensor, cond: Tensor) -> Tensor:
         """The raw network: ``unet(x, t, encoder_hidden_states=cond)`` (cond batch-aligned with x);
-        classifier-free guidance (:mod:`noisewise.guidance`) calls it with both branches in one batch."""
+        classifier-free guidance (:mod:`noisewise.guidance`) calls it with both branches in one batch.
+        A dict ``cond`` (SD3: ``encoder_hidden_states`` + ``pooled_projections``) goes in as keywords."""
         dt = next(self.unet.parameters()).dtype
+        if isinstance(cond, dict):
+            kw = {k: v.to(dt) for k, v in cond.items()}
+            return self.unet(x.to(dt), timestep=model_time, **kw).sample
         return self.unet(x.to(dt), model_time, encoder_hidden_states=cond.to(dt)).sample
 
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
-        return self.text_encoder.encode(list(prompts)).to(self.device)
+        out = self.text_encoder.encode(list(prompts))
+        if isinstance(out, dict):  # SD3: {"encoder_hidden_states", "pooled_projections"}
+            return {k: v.to(self.device) for k, v in out.items()}  # type: ignore[return-value]
+        return out.to(self.device)
 
     def initial_noise(self, seeds: Sequence[int]) -> Tensor:
         """One standard-normal latent per seed (CPU generator: identical on every device)."""

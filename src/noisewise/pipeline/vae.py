@@ -50,7 +50,7 @@ class LatentCodec:
     def from_pretrained(cls, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> LatentCodec:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
         return cls(vae.eval().requires_grad_(False))
 
     @property

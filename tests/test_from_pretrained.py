@@ -1,0 +1,262 @@
+"""Users' diffusers checkpoints from disk: noisewise reproduces diffusers' own pipelines.
+
+Tiny randomly initialised components of the real classes (tests/tiny_checkpoints.py) are saved by
+diffusers' ``save_pretrained`` into a temporary folder; ``noisewise.Pipeline.from_pretrained``
+loads that folder, and the oracle is diffusers' ``StableDiffusionPipeline`` /
+``StableDiffusion3Pipeline`` loaded from the same folder, given the same starting latents
+(``latents=`` = noisewise's ``initial_noise(seed)``), prompt, negative prompt and guidance scale.
+The samplers are the equivalent ones: DDIM / DPM-Solver++(2M) / Euler with diffusers' ``trailing``
+timesteps = noisewise's ``trailing`` spacing (step counts dividing 1000: diffusers' DDIM steps to
+``t - 1000 // n``, which is the next timestep only then), and SD3's FlowMatchEuler with the
+pipelines' ``sigmas = linspace(1, 1/n, n)`` = noisewise's flow ``linspace`` spacing.
+
+Measured parity (max abs difference) is printed with ``-s``; docs/checkpoints.md quotes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from noisewise.pipeline import Pipeline  # noqa: E402
+from noisewise.pipeline.loading import CheckpointError, UnsafeWeightsError  # noqa: E402
+
+from .tiny_checkpoints import save_sd, save_sd3  # noqa: E402
+
+PROMPT, NEGATIVE = "a big red circle on the green square", "blurry watermark"
+LATENT_ATOL = 1e-4
+IMAGE_ATOL = 1e-4
+
+
+def _capture() -> tuple[list[torch.Tensor], Any]:
+    states: list[torch.Tensor] = []
+    return states, lambda info: states.append(info.x.detach().clone())
+
+
+def _report(name: str, lat: float, scale: float, img: float) -> None:
+    print(f"\nparity {name}: latents max|diff| = {lat:.2e} (max|latent| = {scale:.3g}), "
+          f"decoded image max|diff| = {img:.2e}")
+
+
+# (id, prediction type, diffusers scheduler class, its config extras, noisewise sampler, options, steps, pad)
+SD_CASES = [
+    ("ddim-eps", "epsilon", "DDIMScheduler", {}, "ddim", {}, 10, "<|endoftext|>"),
+    ("ddim-v-sd2tok", "v_prediction", "DDIMScheduler", {}, "ddim", {}, 10, "!"),
+    ("dpmpp2m-eps", "epsilon", "DPMSolverMultistepScheduler", {}, "dpmpp_2m", {}, 10, "<|endoftext|>"),
+    ("dpmpp2m-v", "v_prediction", "DPMSolverMultistepScheduler", {}, "dpmpp_2m", {}, 8, "!"),
+    ("euler-v", "v_prediction", "EulerDiscreteScheduler", {}, "euler", {}, 8, "<|endoftext|>"),
+]
+
+
+@pytest.mark.parametrize("name, pred, sched, sched_kw, sampler, opts, steps, pad", SD_CASES,
+                         ids=[c[0] for c in SD_CASES])
+def test_sd_folder_matches_diffusers(
+    tmp_path: Path, name: str, pred: str, sched: str, sched_kw: dict[str, Any], sampler: str,
+    opts: dict[str, Any], steps: int, pad: str,
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(1)
+    folder = tmp_path / "sd"
+    save_sd(folder, prediction_type=pred, scheduler=sched, pad_token=pad, timestep_spacing="trailing", **sched_kw)
+    ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.schedule.prediction_type == pred
+    assert pipe.text_encoder.max_length == ref.tokenizer.model_max_length
+
+    # the prompt states are diffusers' encode_prompt exactly (CLIP, padded to model_max_length, no mask)
+    with torch.no_grad():  # (as inside the pipelines' __call__: SDPA may pick another kernel with autograd on)
+        pe, ne = ref.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
+    assert torch.equal(pipe.encode_prompt([PROMPT]), pe.float())
+    assert torch.equal(pipe.encode_prompt([NEGATIVE]), ne.float())
+
+    seed = 3
+    latents = pipe.initial_noise([seed])
+    start = latents.clone()
+    if sched == "EulerDiscreteScheduler":
+        # diffusers' Euler starts from init_noise_sigma * latents in VE coordinates, with init_noise_sigma =
+        # sigma_max for 'trailing' (not sqrt(1 + sigma_max^2)): scale its latents so that its first VP state
+        # is noisewise's start, the noise itself
+        ref.scheduler.set_timesteps(steps)
+        s_max = float(ref.scheduler.sigmas.max())
+        assert abs(float(ref.scheduler.init_noise_sigma) - s_max) < 1e-6
+        start = latents * ((1.0 + s_max**2) ** 0.5 / s_max)
+    kw = dict(negative_prompt=NEGATIVE, latents=start, num_inference_steps=steps, guidance_scale=7.5)
+    with torch.no_grad():
+        theirs = ref(PROMPT, output_type="latent", **kw).images
+        theirs_img = ref(PROMPT, output_type="np", **kw).images
+    states, cb = _capture()
+    res = pipe(PROMPT, negative_prompt=NEGATIVE, seed=seed, sampler=sampler, steps=steps, guidance_scale=7.5,
+               spacing="trailing", callback=cb, **opts)
+    ours = states[-1]
+    assert len(states) == steps
+    lat_err = float((ours - theirs).abs().max())
+    ours_img = pipe.codec.decode(ours).permute(0, 2, 3, 1).numpy()
+    img_err = float(np.abs(ours_img - theirs_img).max())
+    _report(f"SD {name}", lat_err, float(theirs.abs().max()), img_err)
+    scale = float(theirs.abs().max())
+    assert scale > 0.5  # a real, non-degenerate trajectory
+    assert lat_err < LATENT_ATOL, (lat_err, scale)
+    assert img_err < IMAGE_ATOL, img_err
+    # the pipeline's uint8 images are diffusers' float images rounded
+    assert np.abs(res.images.astype(np.float64) - np.round(theirs_img * 255.0)).max() <= 1.0
+    # guidance matters here (the comparison is not of two unguided runs)
+    with torch.no_grad():
+        plain = ref(PROMPT, output_type="latent", **dict(kw, guidance_scale=1.0)).images
+    assert float((plain - theirs).abs().max()) > 100 * LATENT_ATOL
+
+
+SD3_CASES = [("no-t5", False, 3.0), ("t5", True, 3.0), ("t5-shift1", True, 1.0)]
+
+
+@pytest.mark.parametrize("name, with_t5, shift", SD3_CASES, ids=[c[0] for c in SD3_CASES])
+def test_sd3_folder_matches_diffusers(tmp_path: Path, name: str, with_t5: bool, shift: float) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    torch.set_num_threads(1)
+    folder = tmp_path / "sd3"
+    save_sd3(folder, with_t5=with_t5, shift=shift)
+    extra = {} if with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    ref = StableDiffusion3Pipeline.from_pretrained(str(folder), **extra)
+    ref.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.schedule.prediction_type == "flow" and pipe.schedule.shift == shift
+
+    with torch.no_grad():
+        pe, ne, pp, npp = ref.encode_prompt(PROMPT, PROMPT, PROMPT, negative_prompt=NEGATIVE, device="cpu")
+    mine = pipe.encode_prompt([PROMPT])
+    assert torch.equal(mine["encoder_hidden_states"], pe.float())
+    assert torch.equal(mine["pooled_projections"], pp.float())
+    neg = pipe.encode_prompt([NEGATIVE])
+    assert torch.equal(neg["encoder_hidden_states"], ne.float())
+    assert torch.equal(neg["pooled_projections"], npp.float())
+
+    steps, seed = 8, 11
+    latents = pipe.initial_noise([seed])
+    sigmas = [1.0 - i / steps for i in range(steps)]
+    kw = dict(negative_prompt=NEGATIVE, latents=latents.clone(), num_inference_steps=steps, guidance_scale=5.0,
+              sigmas=sigmas)
+    with torch.no_grad():
+        theirs = ref(PROMPT, output_type="latent", **kw).images
+        theirs_img = ref(PROMPT, output_type="np", **kw).images
+    states, cb = _capture()
+    res = pipe(PROMPT, negative_prompt=NEGATIVE, seed=seed, sampler="flow_euler", steps=steps, guidance_scale=5.0,
+               spacing="linspace", callback=cb)
+    ours = states[-1]
+    lat_err = float((ours - theirs).abs().max())
+    ours_img = pipe.codec.decode(ours).permute(0, 2, 3, 1).numpy()
+    img_err = float(np.abs(ours_img - theirs_img).max())
+    _report(f"SD3 {name}", lat_err, float(theirs.abs().max()), img_err)
+    assert float(theirs.abs().max()) > 0.5
+    assert lat_err < LATENT_ATOL, lat_err
+    assert img_err < IMAGE_ATOL, img_err
+    assert np.abs(res.images.astype(np.float64) - np.round(theirs_img * 255.0)).max() <= 1.0
+    with torch.no_grad():
+        plain = ref(PROMPT, output_type="latent", **dict(kw, guidance_scale=1.0)).images
+    assert float((plain - theirs).abs().max()) > 100 * LATENT_ATOL
+
+
+def test_any_sampler_runs_on_a_user_checkpoint(tmp_path: Path) -> None:
+    """Other noisewise samplers and guidance options run on the loaded schedule (no diffusers twin)."""
+    torch.set_num_threads(1)
+    save_sd(tmp_path / "sd", prediction_type="v_prediction")
+    pipe = Pipeline.from_pretrained(tmp_path / "sd")
+    assert pipe.defaults["negative_prompt"] == "" and pipe.sample_size == 16
+    for sampler in ("unipc", "heun"):
+        res = pipe(["a red circle", "a blue square"], sampler=sampler, steps=4, guidance_scale=3.0)
+        assert res.images.shape == (2, 16, 16, 3) and res.images.dtype == np.uint8
+        assert res.metadata[0]["model"] == "sd"
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals and clear errors
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_pickle(folder: Path) -> None:
+    """Replace a component's safetensors by a pickle file of the same tensors (what old checkpoints ship)."""
+    from safetensors.torch import load_file
+
+    for f in list(folder.glob("*.safetensors")):
+        torch.save(load_file(str(f)), folder / f.name.replace(".safetensors", ".bin"))
+        f.unlink()
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt") / "sd"
+    save_sd(folder)
+    return folder
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+def test_pickle_only_weights_are_refused(sd_folder: Path, tmp_path: Path, component: str) -> None:
+    folder = _copy(sd_folder, tmp_path / "m")
+    _to_pickle(folder / component)
+    with pytest.raises(UnsafeWeightsError, match="arbitrary code") as e:
+        Pipeline.from_pretrained(folder)
+    msg = str(e.value)
+    assert component in msg and "safe_serialization=True" in msg and ".bin" in msg
+
+
+def test_pickle_only_shipped_style_folder_is_refused(tmp_path: Path) -> None:
+    """The noisewise-native folder path (shapes models) refuses pickle weights too."""
+    from noisewise.pipeline.t2i import available_models
+
+    src = available_models()["shapes-vp"]
+    folder = tmp_path / "shapes"
+    shutil.copytree(src, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    vae_src = (src / index["_noisewise"]["components"]["vae"]).resolve()
+    shutil.copytree(vae_src, folder / "vae")
+    _to_pickle(folder / "unet")
+    with pytest.raises(UnsafeWeightsError, match="only safetensors"):
+        Pipeline.from_pretrained(folder)
+
+
+def test_missing_component_is_named(sd_folder: Path, tmp_path: Path) -> None:
+    folder = _copy(sd_folder, tmp_path / "m")
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(CheckpointError, match=r"vae \(AutoencoderKL\).*no vae/ folder"):
+        Pipeline.from_pretrained(folder)
+    folder2 = _copy(sd_folder, tmp_path / "m2")
+    (folder2 / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(CheckpointError, match="scheduler_config.json"):
+        Pipeline.from_pretrained(folder2)
+    folder3 = _copy(sd_folder, tmp_path / "m3")
+    for f in (folder3 / "unet").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        Pipeline.from_pretrained(folder3)
+
+
+def test_unsupported_classes_are_named(sd_folder: Path, tmp_path: Path) -> None:
+    folder = _copy(sd_folder, tmp_path / "m")
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps(dict(index, text_encoder=["transformers", "T5EncoderModel"])))
+    with pytest.raises(CheckpointError, match="text_encoder in .* is a T5EncoderModel; noisewise supports CLIPText"):
+        Pipeline.from_pretrained(folder)
+    index_file.write_text(json.dumps(dict(index, _class_name="FluxPipeline", unet=None,
+                                          transformer=["diffusers", "FluxTransformer2DModel"])))
+    with pytest.raises(CheckpointError, match="FluxPipeline folder.*FluxTransformer2DModel.*supported: Stable"):
+        Pipeline.from_pretrained(folder)
+    index_file.write_text(json.dumps(dict(index, _class_name="StableDiffusionXLPipeline",
+                                          text_encoder_2=["transformers", "CLIPTextModelWithProjection"])))
+    with pytest.raises(CheckpointError, match="StableDiffusionXLPipeline"):
+        Pipeline.from_pretrained(folder)
