@@ -260,3 +260,39 @@ def test_unsupported_classes_are_named(sd_folder: Path, tmp_path: Path) -> None:
                                           text_encoder_2=["transformers", "CLIPTextModelWithProjection"])))
     with pytest.raises(CheckpointError, match="StableDiffusionXLPipeline"):
         Pipeline.from_pretrained(folder)
+
+
+def test_fp16_variant_files_load(sd_folder: Path, tmp_path: Path) -> None:
+    """Components saved with ``variant="fp16"`` (``diffusion_pytorch_model.fp16.safetensors``,
+    ``model.fp16.safetensors``) load, with the same weights."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = _copy(sd_folder, tmp_path / "m")
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    te = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    for name, model in (("unet", unet), ("text_encoder", te)):
+        for f in (folder / name).glob("*.safetensors"):
+            f.unlink()
+        model.save_pretrained(str(folder / name), variant="fp16", safe_serialization=True)
+        assert any(".fp16." in f.name for f in (folder / name).iterdir())
+    pipe = Pipeline.from_pretrained(folder)
+    for a, b in zip(pipe.unet.state_dict().values(), unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(pipe.encode_prompt([PROMPT]), te(pipe.text_encoder.tokenize([PROMPT])[0]["input_ids"])
+                       .last_hidden_state.detach())
+
+
+def test_single_file_is_explained(tmp_path: Path) -> None:
+    for name in ("v1-5-pruned.ckpt", "model.safetensors"):
+        f = tmp_path / name
+        f.write_bytes(b"\0" * 16)
+        with pytest.raises(ValueError, match="single checkpoint file.*from_single_file") as e:
+            Pipeline.from_pretrained(f)
+        assert ("arbitrary code" in str(e.value)) == name.endswith(".ckpt")
+
+
+def test_save_pretrained_of_a_user_checkpoint_says_copy(sd_folder: Path, tmp_path: Path) -> None:
+    pipe = Pipeline.from_pretrained(sd_folder)
+    with pytest.raises(ValueError, match="copy that folder"):
+        pipe.save_pretrained(tmp_path / "out")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -196,17 +197,41 @@ def load_tokenizer(folder: Path, class_name: str | None = None) -> Any:
     return cls.from_pretrained(str(folder))
 
 
+_PLAIN = re.compile(r"^(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?\.safetensors(?:\.index\.json)?$")
+_VARIANT = re.compile(r"^(?:diffusion_pytorch_model|model)(?:\.safetensors\.index)?\.([A-Za-z0-9_]+)"
+                      r"(?:-\d+-of-\d+)?\.(?:safetensors|json)$")
+
+
+def weight_variant(folder: Path) -> str | None:
+    """The weights variant to ask diffusers / transformers for: ``None`` when the folder has the plain
+    ``diffusion_pytorch_model.safetensors`` / ``model.safetensors`` (or their shards), else the
+    variant of the only (or, preferring ``fp16``, the first) variant file, e.g. ``fp16`` for
+    ``diffusion_pytorch_model.fp16.safetensors`` (checkpoints saved with ``variant="fp16"``)."""
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(_PLAIN.match(n) for n in names):
+        return None
+    found = sorted({m.group(1) for n in names if (m := _VARIANT.match(n)) and m.group(1) != "safetensors"})
+    if not found:
+        return None
+    choice = "fp16" if "fp16" in found else found[0]
+    if len(found) > 1:
+        logger.info("%s has weight variants %s; loading %r", folder, found, choice)
+    return choice
+
+
 def load_transformers_model(folder: Path, class_name: str, dtype: torch.dtype, device: str | torch.device) -> Any:
     """A frozen transformers model of class ``class_name`` from safetensors only."""
     _offline()
     require_safetensors(folder)
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     cls = getattr(transformers, class_name)
+    kw: dict[str, Any] = {"use_safetensors": True, "variant": weight_variant(folder)}
     try:
-        model = cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+        model = cls.from_pretrained(str(folder), dtype=dtype, **kw)
     except TypeError:  # transformers < 4.56 names it torch_dtype
-        model = cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+        model = cls.from_pretrained(str(folder), torch_dtype=dtype, **kw)
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -217,8 +242,22 @@ def load_diffusers_model(folder: Path, class_name: str, dtype: torch.dtype, devi
     import diffusers
 
     cls = getattr(diffusers, class_name)
-    model = cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+    model = cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True, variant=weight_variant(folder))
     return model.eval().requires_grad_(False).to(device)
+
+
+def single_file_message(path: Path) -> str:
+    """Why a single checkpoint file is not loaded, and how to turn it into a folder."""
+    if path.name.lower().endswith(PICKLE_SUFFIXES):
+        why = ("it is a pickle-based file, which can execute arbitrary code when loaded, and a single file "
+               "carries no component configs")
+    else:
+        why = "a single-file checkpoint carries no component configs (model_index.json, unet/config.json, ...)"
+    return (
+        f"{path} is a single checkpoint file; noisewise loads diffusers-format folders only ({why}). Convert it "
+        "once, in an environment you trust, e.g. `StableDiffusionPipeline.from_single_file(file)"
+        ".save_pretrained(folder, safe_serialization=True)` with diffusers, then pass the folder"
+    )
 
 
 def tokenizer_max_length(folder: Path, default: int = 77) -> int:

@@ -53,6 +53,10 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     if s in models:
         return models[s]
     p = Path(s).expanduser()
+    if p.is_file():
+        from .loading import single_file_message
+
+        raise ValueError(single_file_message(p))
     if p.is_dir():
         if (p / "model_index.json").is_file() or (p / "unet").is_dir():
             return p
@@ -167,6 +171,13 @@ class Pipeline:
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
         """Write a self-contained diffusers-style folder (the text encoder stays a reference unless
         the pipeline was loaded with its own ``text_encoder/``)."""
+        from .loading import family_of
+
+        if self.source is not None and family_of(self.index, self.source) is not None:
+            raise ValueError(
+                f"this pipeline was loaded from a user's diffusers checkpoint ({self.source}), which is already a "
+                "diffusers folder: copy that folder instead of saving it again"
+            )
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(str(out / "unet"))
