@@ -116,21 +116,32 @@ def test_sd_folder_matches_diffusers(
     assert float((plain - theirs).abs().max()) > 100 * LATENT_ATOL
 
 
-SD3_CASES = [("no-t5", False, 3.0), ("t5", True, 3.0), ("t5-shift1", True, 1.0)]
+SD3_CASES = [("no-t5", False, 3.0, {}), ("t5", True, 3.0, {}), ("t5-shift1", True, 1.0, {}),
+             ("dynamic-shift", False, 1.0, dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=16, max_image_seq_len=256))]
 
 
-@pytest.mark.parametrize("name, with_t5, shift", SD3_CASES, ids=[c[0] for c in SD3_CASES])
-def test_sd3_folder_matches_diffusers(tmp_path: Path, name: str, with_t5: bool, shift: float) -> None:
+@pytest.mark.parametrize("name, with_t5, shift, sched_kw", SD3_CASES, ids=[c[0] for c in SD3_CASES])
+def test_sd3_folder_matches_diffusers(
+    tmp_path: Path, name: str, with_t5: bool, shift: float, sched_kw: dict[str, Any]
+) -> None:
     from diffusers import StableDiffusion3Pipeline
 
     torch.set_num_threads(1)
     folder = tmp_path / "sd3"
-    save_sd3(folder, with_t5=with_t5, shift=shift)
+    save_sd3(folder, with_t5=with_t5, shift=shift, **sched_kw)
     extra = {} if with_t5 else {"text_encoder_3": None, "tokenizer_3": None}
     ref = StableDiffusion3Pipeline.from_pretrained(str(folder), **extra)
     ref.set_progress_bar_config(disable=True)
     pipe = Pipeline.from_pretrained(folder)
-    assert pipe.schedule.prediction_type == "flow" and pipe.schedule.shift == shift
+    assert pipe.schedule.prediction_type == "flow"
+    if sched_kw.get("use_dynamic_shifting"):  # resolved at the native size: 8x8 latent tokens
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        mu = calculate_shift(64, 16, 256, 0.5, 1.15)
+        assert abs(pipe.schedule.shift - np.exp(mu)) < 1e-12 and abs(pipe.schedule.shift - 1.0) > 0.1
+    else:
+        assert pipe.schedule.shift == shift
 
     with torch.no_grad():
         pe, ne, pp, npp = ref.encode_prompt(PROMPT, PROMPT, PROMPT, negative_prompt=NEGATIVE, device="cpu")

@@ -105,7 +105,7 @@ def save_sd(path: Path, **kw: Any) -> Any:
     return pipe
 
 
-def sd3_components(with_t5: bool = False, shift: float = 3.0) -> dict[str, Any]:
+def sd3_components(with_t5: bool = False, shift: float = 3.0, **sched_kw: Any) -> dict[str, Any]:
     """Components of a tiny SD3 pipeline (latents 4x8x8, patch 1, CLIP widths 16 + 16 = joint width 32, pooled 2 x 32);
     ``text_encoder_3`` is a tiny T5 when ``with_t5`` and ``None`` otherwise (as diffusers allows)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -126,7 +126,7 @@ def sd3_components(with_t5: bool = False, shift: float = 3.0) -> dict[str, Any]:
         te3, tok3 = tiny_t5()
     return {
         "transformer": transformer, "vae": tiny_vae(3, shift_factor=0.1),
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=shift),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=shift, **sched_kw),
         "text_encoder": te1, "tokenizer": tok, "text_encoder_2": te2, "tokenizer_2": tiny_clip_tokenizer(),
         "text_encoder_3": te3, "tokenizer_3": tok3,
     }

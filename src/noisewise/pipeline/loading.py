@@ -26,6 +26,7 @@ uses the last layer's states; SD3 the penultimate layer's plus the pooled projec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -362,6 +363,12 @@ def load_checkpoint(root: Path, index: dict[str, Any], family: str, *, device: s
             raise CheckpointError(f"{root}: an SD3 folder needs a flow-matching scheduler config "
                                   f"(FlowMatchEulerDiscreteScheduler), found {schedule!r}")
         den = load_diffusers_model(parts["transformer"], "SD3Transformer2DModel", dtype, device)  # type: ignore[arg-type]
+        if getattr(schedule, "use_dynamic_shifting", False):
+            # noisewise samples at the checkpoint's native size, where diffusers' dynamic shift is one
+            # number: mu from image_seq_len = (sample_size / patch_size)^2, as StableDiffusion3Pipeline does
+            seq = (int(den.config.sample_size) // int(den.config.patch_size)) ** 2
+            schedule = dataclasses.replace(schedule, use_dynamic_shifting=False,  # type: ignore[type-var]
+                                           shift=schedule.shift_for(seq))
         text = SD3TextEncoder.from_folders(
             parts, joint_attention_dim=int(den.config.joint_attention_dim),
             tokenizer_classes={k: component_class(index, k) for k in ("tokenizer", "tokenizer_2", "tokenizer_3")},
