@@ -47,27 +47,34 @@ def _report(name: str, lat: float, scale: float, img: float) -> None:
           f"decoded image max|diff| = {img:.2e}")
 
 
-# (id, prediction type, diffusers scheduler class, its config extras, noisewise sampler, options, steps, pad)
+# (id, prediction type, diffusers scheduler class, its config extras, noisewise sample() options, sampler, steps,
+#  the tokenizer's pad token: SD 1.x pads with <|endoftext|>, SD 2.x with "!")
+TRAILING = ({"timestep_spacing": "trailing"}, {"spacing": "trailing"})
+# SD 1.5's own DDIM config is 'leading' with steps_offset=1 (set_alpha_to_one=True: its last step lands on
+# sigma = 0, noisewise's final node; with False diffusers stops at alphas_cumprod[0] instead)
+LEADING = ({"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": True},
+           {"spacing": "leading", "spacing_options": {"steps_offset": 1}})
 SD_CASES = [
-    ("ddim-eps", "epsilon", "DDIMScheduler", {}, "ddim", {}, 10, "<|endoftext|>"),
-    ("ddim-v-sd2tok", "v_prediction", "DDIMScheduler", {}, "ddim", {}, 10, "!"),
-    ("dpmpp2m-eps", "epsilon", "DPMSolverMultistepScheduler", {}, "dpmpp_2m", {}, 10, "<|endoftext|>"),
-    ("dpmpp2m-v", "v_prediction", "DPMSolverMultistepScheduler", {}, "dpmpp_2m", {}, 8, "!"),
-    ("euler-v", "v_prediction", "EulerDiscreteScheduler", {}, "euler", {}, 8, "<|endoftext|>"),
+    ("ddim-eps", "epsilon", "DDIMScheduler", *TRAILING, "ddim", 10, "<|endoftext|>"),
+    ("ddim-eps-sd15-leading", "epsilon", "DDIMScheduler", *LEADING, "ddim", 10, "<|endoftext|>"),
+    ("ddim-v-sd2tok", "v_prediction", "DDIMScheduler", *TRAILING, "ddim", 10, "!"),
+    ("dpmpp2m-eps", "epsilon", "DPMSolverMultistepScheduler", *TRAILING, "dpmpp_2m", 10, "<|endoftext|>"),
+    ("dpmpp2m-v", "v_prediction", "DPMSolverMultistepScheduler", *TRAILING, "dpmpp_2m", 8, "!"),
+    ("euler-v", "v_prediction", "EulerDiscreteScheduler", *TRAILING, "euler", 8, "<|endoftext|>"),
 ]
 
 
-@pytest.mark.parametrize("name, pred, sched, sched_kw, sampler, opts, steps, pad", SD_CASES,
+@pytest.mark.parametrize("name, pred, sched, sched_kw, opts, sampler, steps, pad", SD_CASES,
                          ids=[c[0] for c in SD_CASES])
 def test_sd_folder_matches_diffusers(
-    tmp_path: Path, name: str, pred: str, sched: str, sched_kw: dict[str, Any], sampler: str,
-    opts: dict[str, Any], steps: int, pad: str,
+    tmp_path: Path, name: str, pred: str, sched: str, sched_kw: dict[str, Any], opts: dict[str, Any],
+    sampler: str, steps: int, pad: str,
 ) -> None:
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(1)
     folder = tmp_path / "sd"
-    save_sd(folder, prediction_type=pred, scheduler=sched, pad_token=pad, timestep_spacing="trailing", **sched_kw)
+    save_sd(folder, prediction_type=pred, scheduler=sched, pad_token=pad, **sched_kw)
     ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     pipe = Pipeline.from_pretrained(folder)
@@ -97,7 +104,7 @@ def test_sd_folder_matches_diffusers(
         theirs_img = ref(PROMPT, output_type="np", **kw).images
     states, cb = _capture()
     res = pipe(PROMPT, negative_prompt=NEGATIVE, seed=seed, sampler=sampler, steps=steps, guidance_scale=7.5,
-               spacing="trailing", callback=cb, **opts)
+               callback=cb, **opts)
     ours = states[-1]
     assert len(states) == steps
     lat_err = float((ours - theirs).abs().max())
