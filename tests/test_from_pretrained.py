@@ -278,6 +278,13 @@ def test_unsupported_classes_are_named(sd_folder: Path, tmp_path: Path) -> None:
                                           text_encoder_2=["transformers", "CLIPTextModelWithProjection"])))
     with pytest.raises(CheckpointError, match="StableDiffusionXLPipeline"):
         Pipeline.from_pretrained(folder)
+    index_file.write_text(json.dumps(dict(index, _class_name="StableDiffusionControlNetPipeline",
+                                          controlnet=["diffusers", "ControlNetModel"])))
+    with pytest.raises(CheckpointError, match="components noisewise does not use: controlnet"):
+        Pipeline.from_pretrained(folder)
+    # an unknown pipeline class with exactly SD's components loads as SD
+    index_file.write_text(json.dumps(dict(index, _class_name="MyStableDiffusionPipeline")))
+    assert Pipeline.from_pretrained(folder).schedule.prediction_type == "epsilon"
 
 
 def test_fp16_variant_files_load(sd_folder: Path, tmp_path: Path) -> None:

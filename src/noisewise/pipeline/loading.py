@@ -140,15 +140,22 @@ def family_of(index: dict[str, Any], root: Path) -> str | None:
         return None
     if cls in FAMILIES and FAMILIES[cls] is not None:
         return FAMILIES[cls]
-    # an unknown pipeline class whose components match a supported family still loads
+    # an unknown pipeline class loads only when its components are exactly a supported family's
+    # (a ControlNet / adapter / refiner component would otherwise be silently ignored)
     den = component_class(index, "unet") or component_class(index, "transformer")
-    if den == "UNet2DConditionModel" and component_class(index, "text_encoder_2") is None \
-            and "StableDiffusion" in cls and "XL" not in cls and "Inpaint" not in cls and "Upscale" not in cls:
-        return "sd"
-    if den == "SD3Transformer2DModel" and "Inpaint" not in cls and "ControlNet" not in cls:
-        return "sd3"
+    named = {k for k in index if not k.startswith("_") and k not in IGNORED and k != "scheduler"
+             and component_class(index, k)}
+    for fam, comps in SUPPORTED.items():
+        required = set(comps) - set(OPTIONAL.get(fam, ()))
+        if required <= named <= set(comps) and "Inpaint" not in cls and all(
+            component_class(index, k) in comps[k] for k in named
+        ):
+            return fam
+    extra = sorted(named - set(SUPPORTED["sd"]) - set(SUPPORTED["sd3"]))
+    more = f", with components noisewise does not use: {', '.join(extra)}" if extra else ""
     raise CheckpointError(
-        f"{root} is a {cls} folder (denoiser {den or 'unknown'}), which noisewise cannot run; {_supported_summary()}"
+        f"{root} is a {cls} folder (denoiser {den or 'unknown'}{more}), which noisewise cannot run; "
+        f"{_supported_summary()}"
     )
 
 
