@@ -194,6 +194,10 @@ def test_any_sampler_runs_on_a_user_checkpoint(tmp_path: Path) -> None:
         res = pipe(["a red circle", "a blue square"], sampler=sampler, steps=4, guidance_scale=3.0)
         assert res.images.shape == (2, 16, 16, 3) and res.images.dtype == np.uint8
         assert res.metadata[0]["model"] == "sd"
+    # guidance methods beyond plain CFG act on the user's model too
+    plain = pipe("a red circle", sampler="dpmpp_2m", steps=4, guidance_scale=5.0)
+    apg = pipe("a red circle", sampler="dpmpp_2m", steps=4, guidance_scale=5.0, guidance="apg")
+    assert apg.images.shape == plain.images.shape and not np.array_equal(apg.images, plain.images)
 
 
 # ------------------------------------------------------------------------------------------------
