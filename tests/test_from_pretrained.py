@@ -291,6 +291,20 @@ def test_unsupported_classes_are_named(sd_folder: Path, tmp_path: Path) -> None:
     assert Pipeline.from_pretrained(folder).schedule.prediction_type == "epsilon"
 
 
+def test_folder_without_model_index(sd_folder: Path, tmp_path: Path) -> None:
+    """A hand-assembled SD folder (no model_index.json) is recognised from its components' configs
+    and encodes prompts exactly as diffusers does (CLIP rules, not the native text encoder's)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = _copy(sd_folder, tmp_path / "m")
+    (folder / "model_index.json").unlink()
+    pipe = Pipeline.from_pretrained(folder)
+    ref = StableDiffusionPipeline.from_pretrained(str(sd_folder))
+    with torch.no_grad():
+        pe, _ = ref.encode_prompt(PROMPT, "cpu", 1, False)
+    assert torch.equal(pipe.encode_prompt([PROMPT]), pe)
+
+
 def test_fp16_variant_files_load(sd_folder: Path, tmp_path: Path) -> None:
     """Components saved with ``variant="fp16"`` (``diffusion_pytorch_model.fp16.safetensors``,
     ``model.fp16.safetensors``) load, with the same weights."""

@@ -113,10 +113,49 @@ def require_safetensors(folder: str | os.PathLike[str], component: str | None = 
     raise CheckpointError(f"{name}/ in {folder.parent} has no weights (*.safetensors); is the download complete?")
 
 
+def _folder_class(folder: Path) -> tuple[str, str] | None:
+    """(library, class) of a component folder from its own config, as diffusers writes it into
+    model_index.json: ``_class_name`` (diffusers), ``architectures[0]`` (transformers models),
+    ``tokenizer_class`` (tokenizers)."""
+    for name, key, lib in (("config.json", "_class_name", "diffusers"),
+                           ("config.json", "architectures", "transformers"),
+                           ("scheduler_config.json", "_class_name", "diffusers"),
+                           ("tokenizer_config.json", "tokenizer_class", "transformers")):
+        f = folder / name
+        if f.is_file():
+            try:
+                v = json.loads(f.read_text()).get(key)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(v, list):
+                v = v[0] if v else None
+            if isinstance(v, str) and v:
+                return lib, v
+    return None
+
+
+def infer_index(root: Path) -> dict[str, Any]:
+    """A model_index.json for a hand-assembled SD / SD3 folder that lacks one (``{}`` when the folder
+    does not look like either: then it is a noisewise-native folder)."""
+    comps = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        found = _folder_class(sub)
+        if found is not None:
+            comps[sub.name] = list(found)
+    te = comps.get("text_encoder", [None, ""])[1]
+    if comps.get("transformer", [None, None])[1] == "SD3Transformer2DModel":
+        return {"_class_name": "StableDiffusion3Pipeline", **comps}
+    if comps.get("unet", [None, None])[1] == "UNet2DConditionModel" and te.startswith("CLIPTextModel") \
+            and "text_encoder_2" not in comps:
+        return {"_class_name": "StableDiffusionPipeline", **comps}
+    return {}
+
+
 def read_index(root: Path) -> dict[str, Any]:
+    """model_index.json, or one inferred from the component folders' configs (:func:`infer_index`)."""
     f = root / "model_index.json"
     if not f.is_file():
-        return {}
+        return infer_index(root)
     try:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
