@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -336,11 +337,21 @@ def serve(host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None
     svc = GenerationService(cfg)
     app = create_app(cfg, service=svc)
 
+    grace = max(0.0, float(cfg.shutdown_grace_s))
+
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            svc.begin_drain()
+            if not svc.draining:
+                svc.begin_drain()
+                # what is still running when the grace period ends is cancelled by the service, so its
+                # client gets an explicit 503 ("server shutting down"); uvicorn's own deadline comes a
+                # little later, only to let those answers go out (otherwise it would cut them off: 500)
+                timer = threading.Timer(grace, lambda: logger.warning(
+                    "shutdown grace period (%g s) over: cancelled %d unfinished request(s)", grace, svc.cancel_all()))
+                timer.daemon = True
+                timer.start()
             super().handle_exit(sig, frame)
 
     ucfg = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                          timeout_graceful_shutdown=int(cfg.shutdown_grace_s) or None, access_log=False)
+                          timeout_graceful_shutdown=int(math.ceil(grace + 5.0)), access_log=False)
     _Server(ucfg).run()

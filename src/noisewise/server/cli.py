@@ -23,6 +23,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         models=models, preload=_csv(a.preload) if a.preload is not None else models[:1], max_active=a.max_active,
         max_queue=a.max_queue, max_batch=a.max_batch, max_steps=a.max_steps, max_images=a.max_images,
         request_timeout_s=a.timeout, batching=not a.no_batching, device=a.device, torch_threads=a.torch_threads,
+        shutdown_grace_s=a.shutdown_grace,
     )
     serve(a.host, a.port, cfg, log_level=a.log_level)
     return 0
@@ -61,6 +62,9 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--max-steps", type=int, default=100)
     s.add_argument("--max-images", type=int, default=4)
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is cancelled (504)")
+    s.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: stop admitting (503), let running requests finish for this many "
+                        "seconds, then cancel the rest with an explicit 503 (default 30)")
     s.add_argument("--no-batching", action="store_true", help="serve one request at a time (for comparison)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
