@@ -19,7 +19,8 @@ SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
 def run_cli(*args: str, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **extra_env, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, **extra_env, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, "-m", "noisewise.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -59,7 +60,8 @@ def test_generate_writes_pngs_with_parameters(tmp_path):
         (["--steps", "0"], "--steps must be from 1 to 1000"),
         (["--sampler", "dpm++2m", "--steps", "1"], "dpmpp_2m"),
         (["--spacing", "karas", "--steps", "1"], "did you mean 'karras'"),
-        (["--spacing", "tuned", "--steps", "3"], "noisewise tune-schedule --model shapes-vp --sampler dpmpp_2m --nfe 3"),
+        (["--spacing", "tuned", "--steps", "3"],
+         "noisewise tune-schedule --model shapes-vp --sampler dpmpp_2m --nfe 3"),
     ],
 )
 def test_user_mistakes_exit_cleanly(args, message, tmp_path):

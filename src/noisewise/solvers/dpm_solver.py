@@ -22,7 +22,7 @@ from .base import (
     register,
     to_final,
 )
-from .stiffness import StiffnessGuard
+from .stiffness import stiffness_guard
 
 Algorithm = str  # "dpmsolver++" (data prediction) or "dpmsolver" (noise prediction)
 
@@ -81,15 +81,14 @@ def dpm_solver(
     x_start = x
     start = 0
     ms: list[Tensor] = []
-    guard = StiffnessGuard(stiff_guard) if stiff_guard is not None else None
+    guard = stiffness_guard(stiff_guard)
     for i in range(grid.steps):
         k = orders[i]
         if k == 1:
             x_start, start, ms = x, i, []
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
-        if guard is not None:
-            guard.observe(x, x0, cur)
+        guard.observe(x, x0, cur)
         ms.append(x0 if algorithm == "dpmsolver++" else _eps(x, x0, cur))
         s = grid[start]
         if nxt.sigma == 0.0:
@@ -103,8 +102,7 @@ def dpm_solver(
         else:
             x_high = _singlestep_update(x_start, ms, [grid[j] for j in range(start, i + 1)], nxt, algorithm)
             # under guidance: samples whose ODE is stiff here take the first-order step (stiffness.py)
-            ok = None if guard is None else guard.accept(nxt.lam - cur.lam, k)
-            x = x_high if ok is None else StiffnessGuard.pick(ok, x_high, ddim_step(x, x0, cur, nxt))
+            x = guard.choose_ddim(k, x_high, x, x0, cur, nxt)
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x
@@ -153,12 +151,11 @@ def _dpmpp_multistep(
 ) -> SolverGen:
     ms: list[Tensor] = []
     lvs: list[Level] = []
-    guard = StiffnessGuard(stiff_guard) if stiff_guard is not None else None
+    guard = stiffness_guard(stiff_guard)
     for i in range(grid.steps):
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
-        if guard is not None:
-            guard.observe(x, x0, cur)
+        guard.observe(x, x0, cur)
         ms, lvs = (ms + [x0])[-order:], (lvs + [cur])[-order:]
         # history usable for higher order: previous points with finite lambda
         usable = sum(1 for lv in lvs[:-1] if math.isfinite(lv.lam))
@@ -201,8 +198,7 @@ def _dpmpp_multistep(
             terms = [(x0, w0), (ms[-2], w1)] + ([(ms[-3], w2)] if k == 3 else [])
             x_high = lincomb(x, nxt.sigma / cur.sigma, *terms)
             # under guidance: samples whose ODE is stiff here take the first-order step (stiffness.py)
-            ok = None if guard is None else guard.accept(h, k)
-            x = x_high if ok is None else StiffnessGuard.pick(ok, x_high, ddim_step(x, x0, cur, nxt))
+            x = guard.choose_ddim(k, x_high, x, x0, cur, nxt)
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x

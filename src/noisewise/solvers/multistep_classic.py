@@ -22,6 +22,11 @@ import math
 from ..core.grid import Grid
 from .base import Callback, SolverGen, StepInfo, Tensor, check_order, ddim_step, register, to_final
 from .dpm_solver import _multistep_order
+from .stiffness import stiffness_guard
+
+GUARD_NOTE = (" stiff_guard (on under guidance): samples whose guided ODE is stiff at a step take the first-order "
+              "(DDIM) step instead of the extrapolation (see noisewise.solvers.stiffness).")
+
 
 
 def _basis(nodes: list[float], j: int, shift: float) -> tuple[list[float], float]:
@@ -74,18 +79,22 @@ def log_lagrange_integrals(nodes: list[float], a: float, b: float) -> list[float
     "Linear multistep (variable-step Adams-Bashforth) on the probability-flow ODE in VE coordinates "
     "(Karras et al. 2022 framework), as k-diffusion's sample_lms / diffusers' LMSDiscreteScheduler",
     order=4,
-    options=("order",),
+    options=("order", "stiff_guard"),
     notes="order = the option (default 4), reached once order-1 past steps exist; the first steps warm up "
-    "from order 1. The last step integrates the polynomial down to sigma = 0, as the references do.",
+    "from order 1. The last step integrates the polynomial down to sigma = 0, as the references do." + GUARD_NOTE,
 )
-def lms(x: Tensor, grid: Grid, *, order: int = 4, callback: Callback | None = None) -> SolverGen:
+def lms(
+    x: Tensor, grid: Grid, *, order: int = 4, stiff_guard: float | None = None, callback: Callback | None = None
+) -> SolverGen:
     """``y' = y + sum_j c_j d_j``, ``c_j = int_rho^rho' L_j``, Lagrange basis over the last ``order`` rhos."""
     check_order(order, 1, 4, "lms")
+    guard = stiffness_guard(stiff_guard)
     rhos: list[float] = []
     ds: list[Tensor] = []
     for i in range(grid.steps):
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
+        guard.observe(x, x0, cur)
         if cur.alpha == 0.0:
             x = ddim_step(x, x0, cur, nxt)
         else:
@@ -95,7 +104,7 @@ def lms(x: Tensor, grid: Grid, *, order: int = 4, callback: Callback | None = No
             coeffs = lagrange_integrals(rhos[::-1], rho, rho_next)
             for c, d in zip(coeffs, reversed(ds)):
                 y = y + c * d
-            x = y * nxt.alpha
+            x = guard.choose_ddim(len(ds), y * nxt.alpha, x, x0, cur, nxt)
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x
@@ -106,20 +115,24 @@ def lms(x: Tensor, grid: Grid, *, order: int = 4, callback: Callback | None = No
     "Zhang & Chen 2023, Fast Sampling of Diffusion Models with Exponential Integrator (DEIS), tAB-DEIS "
     "with the 'logrho' polynomial, as diffusers' DEISMultistepScheduler",
     order=3,
-    options=("order", "lower_order_final"),
+    options=("order", "lower_order_final", "stiff_guard"),
     notes="order = the option (1-3, default 3). lower_order_final as diffusers: below 15 steps the last "
-    "step is first order and the one before at most second order. A step into sigma = 0 is the plain denoise.",
+    "step is first order and the one before at most second order. A step into sigma = 0 is the plain denoise."
+    + GUARD_NOTE,
 )
 def deis(
-    x: Tensor, grid: Grid, *, order: int = 3, lower_order_final: bool = True, callback: Callback | None = None
+    x: Tensor, grid: Grid, *, order: int = 3, lower_order_final: bool = True, stiff_guard: float | None = None,
+    callback: Callback | None = None,
 ) -> SolverGen:
     """``y' = y + sum_j c_j eps_j``, ``c_j = int_rho^rho' L_j(log rho) d rho`` over the last k log-rhos."""
     check_order(order, 1, 3, "deis")
+    guard = stiffness_guard(stiff_guard)
     logs: list[float] = []
     eps: list[Tensor] = []
     for i in range(grid.steps):
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
+        guard.observe(x, x0, cur)
         if cur.alpha == 0.0:
             x = ddim_step(x, x0, cur, nxt)
         else:
@@ -134,7 +147,7 @@ def deis(
                 coeffs = log_lagrange_integrals(logs[-k:][::-1], -cur.lam, -nxt.lam)
                 for c, e in zip(coeffs, reversed(eps[-k:])):
                     y = y + c * e
-                x = y * nxt.alpha
+                x = guard.choose_ddim(k, y * nxt.alpha, x, x0, cur, nxt)
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x
@@ -153,18 +166,22 @@ _AB = {
     "Zhang & Chen 2023 (DEIS paper, Sec. 4 / App.), improved PNDM (Liu et al. 2022): Adams-Bashforth with "
     "fixed weights on eps in VE coordinates, as diffusers' IPNDMScheduler",
     order=None,
-    options=("order",),
+    options=("order", "stiff_guard"),
     notes="Fixed weights assume equal steps in rho: order = the option (max 4) on grids uniform in "
     "sigma / alpha, at most 2 on other smooth grids. The eps taken at alpha = 0 enters the history, as in "
-    "diffusers.",
+    "diffusers." + GUARD_NOTE,
 )
-def ipndm(x: Tensor, grid: Grid, *, order: int = 4, callback: Callback | None = None) -> SolverGen:
+def ipndm(
+    x: Tensor, grid: Grid, *, order: int = 4, stiff_guard: float | None = None, callback: Callback | None = None
+) -> SolverGen:
     """``y' = y + (rho' - rho) sum_j w_j eps_{i-j}`` with Adams-Bashforth weights ``w`` of order <= 4."""
     check_order(order, 1, 4, "ipndm")
+    guard = stiffness_guard(stiff_guard)
     eps: list[Tensor] = []
     for i in range(grid.steps):
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
+        guard.observe(x, x0, cur)
         eps = (eps + [(x - cur.alpha * x0) / cur.sigma])[-order:]
         if cur.alpha == 0.0:
             x = ddim_step(x, x0, cur, nxt)  # first step: k = 1, the exact limit
@@ -174,7 +191,8 @@ def ipndm(x: Tensor, grid: Grid, *, order: int = 4, callback: Callback | None = 
             for wj, ej in zip(w[1:], reversed(eps[:-1])):
                 e = e + wj * ej
             rho, rho_next = cur.sigma / cur.alpha, nxt.sigma / nxt.alpha
-            x = (x / cur.alpha + (rho_next - rho) * e) * nxt.alpha
+            x_high = (x / cur.alpha + (rho_next - rho) * e) * nxt.alpha
+            x = guard.choose_ddim(len(eps), x_high, x, x0, cur, nxt)
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x

@@ -21,6 +21,7 @@ from ..core.grid import Grid, Level
 from .ancestral import ancestral_split, check_eta
 from .base import Callback, SolverGen, StepInfo, Tensor, ddim_step, register, to_final
 from .noise import Generators, NoiseName, NoiseSampler, resolve
+from .stiffness import stiffness_guard
 
 
 @register(
@@ -104,9 +105,11 @@ def _sde_noise_std(nxt: Level, eta: float, h: float) -> float:
     "diffusers' DPMSolverMultistepScheduler algorithm_type='sde-dpmsolver++', solver_order=2)",
     order=2,
     stochastic=True,
-    options=("eta", "s_noise", "solver_type", "max_step_ratio", "noise_sampler"),
+    options=("eta", "s_noise", "solver_type", "max_step_ratio", "stiff_guard", "noise_sampler"),
     notes="order: of the eta = 0 limit (equals dpmpp_2m there). max_step_ratio (default 3): a step longer "
-    "than that many times the previous one (in lambda) is first order; None = k-diffusion's behaviour.",
+    "than that many times the previous one (in lambda) is first order; None = k-diffusion's behaviour. "
+    "stiff_guard (on under guidance): samples whose guided ODE is stiff at a step drop the multistep "
+    "correction (noisewise.solvers.stiffness).",
 )
 def dpmpp_2m_sde(
     x: Tensor,
@@ -116,6 +119,7 @@ def dpmpp_2m_sde(
     s_noise: float = 1.0,
     solver_type: Literal["midpoint", "heun"] = "midpoint",
     max_step_ratio: float | None = 3.0,
+    stiff_guard: float | None = None,
     generator: Generators = None,
     noise_sampler: NoiseName | NoiseSampler | None = None,
     callback: Callback | None = None,
@@ -126,11 +130,13 @@ def dpmpp_2m_sde(
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"dpmpp_2m_sde: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     noise = resolve(noise_sampler, generator)
+    guard = stiffness_guard(stiff_guard)
     x0_prev: Tensor | None = None
     h_prev = math.inf
     for i in range(grid.steps):
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
+        guard.observe(x, x0, cur)
         h = nxt.lam - cur.lam
         if nxt.sigma == 0.0:
             x = to_final(x0, nxt)
@@ -139,7 +145,7 @@ def dpmpp_2m_sde(
             if x0_prev is not None and _history_ok(h, h_prev, max_step_ratio):
                 r = h_prev / h
                 w = 0.5 * g if solver_type == "midpoint" else 1.0 - g / ((1.0 + eta) * h)
-                x_next = x_next + (nxt.alpha * w / r) * (x0 - x0_prev)
+                x_next = guard.choose(h, 2, x_next + (nxt.alpha * w / r) * (x0 - x0_prev), x_next)
             std = _sde_noise_std(nxt, eta, h)
             if std > 0.0:
                 x_next = x_next + (s_noise * std) * noise(x, cur, nxt)
@@ -155,7 +161,8 @@ def dpmpp_2m_sde(
     "Lu et al. 2023, DPM-Solver++(3M) with SDE-DPM-Solver++ noise (k-diffusion's sample_dpmpp_3m_sde)",
     order=3,
     stochastic=True,
-    options=("eta", "s_noise", "variant", "lower_order_final", "max_step_ratio", "max_eta_h", "noise_sampler"),
+    options=("eta", "s_noise", "variant", "lower_order_final", "max_step_ratio", "max_eta_h", "stiff_guard",
+             "noise_sampler"),
     notes="order: of the eta = 0 limit (equals dpmpp_3m there). variant='exact' uses the exact weight of the "
     "second divided difference; variant='k-diffusion' reproduces k-diffusion, whose weight is half of it "
     "(second order in practice). Guards for short, coarse or uneven grids: lower_order_final (below 15 steps "
@@ -163,7 +170,8 @@ def dpmpp_2m_sde(
     "stricter than the ODE solvers' 3) and max_eta_h (the third-order term only where eta * h <= 1). Along an "
     "SDE path the data predictions carry the injected noise, which the third-order extrapolation amplifies "
     "on long or growing steps and over-disperses the modes (see docs/samplers.md). lower_order_final=False, "
-    "max_step_ratio=None, max_eta_h=None is k-diffusion's behaviour.",
+    "max_step_ratio=None, max_eta_h=None is k-diffusion's behaviour. stiff_guard (on under guidance): samples "
+    "whose guided ODE is stiff at a step drop the multistep correction (noisewise.solvers.stiffness).",
 )
 def dpmpp_3m_sde(
     x: Tensor,
@@ -175,6 +183,7 @@ def dpmpp_3m_sde(
     lower_order_final: bool = True,
     max_step_ratio: float | None = 1.5,
     max_eta_h: float | None = 1.0,
+    stiff_guard: float | None = None,
     generator: Generators = None,
     noise_sampler: NoiseName | NoiseSampler | None = None,
     callback: Callback | None = None,
@@ -186,12 +195,14 @@ def dpmpp_3m_sde(
         raise ValueError(f"dpmpp_3m_sde: variant must be 'exact' or 'k-diffusion', got {variant!r}")
     c2 = 2.0 if variant == "exact" else 1.0
     noise = resolve(noise_sampler, generator)
+    guard = stiffness_guard(stiff_guard)
     x0_1: Tensor | None = None
     x0_2: Tensor | None = None
     h_1 = h_2 = math.inf
     for i in range(grid.steps):
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
+        guard.observe(x, x0, cur)
         h = nxt.lam - cur.lam
         if nxt.sigma == 0.0:
             x = to_final(x0, nxt)
@@ -209,9 +220,10 @@ def dpmpp_3m_sde(
                     d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
                     d2 = (d1_0 - d1_1) / (r0 + r1)
                     phi_3 = phi_2 / h_eta - 0.5
-                    x_next = x_next + (nxt.alpha * phi_2) * d1 - (c2 * nxt.alpha * phi_3) * d2
+                    x_high = x_next + (nxt.alpha * phi_2) * d1 - (c2 * nxt.alpha * phi_3) * d2
+                    x_next = guard.choose(h, 3, x_high, x_next)
                 else:
-                    x_next = x_next + (nxt.alpha * phi_2 * h / h_1) * (x0 - x0_1)
+                    x_next = guard.choose(h, 2, x_next + (nxt.alpha * phi_2 * h / h_1) * (x0 - x0_1), x_next)
             std = _sde_noise_std(nxt, eta, h)
             if std > 0.0:
                 x_next = x_next + (s_noise * std) * noise(x, cur, nxt)

@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..core.grid import Level
+from .base import ddim_step
 
 Tensor = torch.Tensor
 
@@ -78,3 +79,33 @@ class StiffnessGuard:
     def pick(ok: Tensor, x_high: Tensor, x_low: Tensor) -> Tensor:
         """``x_high`` where ``ok`` (the high-order step is stable), else ``x_low`` (first order)."""
         return torch.where(ok, x_high, x_low)
+
+    def choose(self, h: float, order: int, x_high: Tensor, x_low: Tensor) -> Tensor:
+        """The order-``order`` result ``x_high`` of a step of size ``h``, or per sample the lower-order
+        result ``x_low`` where that step is unstable."""
+        ok = self.accept(h, order)
+        return x_high if ok is None else self.pick(ok, x_high, x_low)
+
+    def choose_ddim(self, order: int, x_high: Tensor, x: Tensor, x0: Tensor, cur: Level, nxt: Level) -> Tensor:
+        """:meth:`choose` with the DDIM step ``cur -> nxt`` as the fallback (computed only when needed)."""
+        ok = self.accept(nxt.lam - cur.lam, order)
+        return x_high if ok is None else self.pick(ok, x_high, ddim_step(x, x0, cur, nxt))
+
+
+class _NoGuard:
+    """The guard when it is off (no guidance, or ``stiff_guard=None``): every step is kept."""
+
+    def observe(self, x: Tensor, x0: Tensor, level: Level) -> None:
+        pass
+
+    def choose(self, h: float, order: int, x_high: Tensor, x_low: Tensor) -> Tensor:
+        return x_high
+
+    def choose_ddim(self, order: int, x_high: Tensor, x: Tensor, x0: Tensor, cur: Level, nxt: Level) -> Tensor:
+        return x_high
+
+
+def stiffness_guard(safety: float | None) -> StiffnessGuard | _NoGuard:
+    """What a solver's ``stiff_guard`` option makes: a :class:`StiffnessGuard` with that safety
+    factor, or a guard that keeps every step (None)."""
+    return _NoGuard() if safety is None else StiffnessGuard(safety)

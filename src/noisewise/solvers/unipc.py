@@ -6,7 +6,7 @@ import math
 
 from ..core.grid import Grid, Level
 from .base import Callback, SolverGen, StepInfo, Tensor, check_order, ddim_step, lincomb, register, to_final
-from .stiffness import StiffnessGuard
+from .stiffness import stiffness_guard
 
 
 def _coefficients(rks: list[float], h: float, order: int, variant: str) -> tuple[float, float, list[float]]:
@@ -73,19 +73,17 @@ def unipc(
     last_x: Tensor | None = None
     this_order = 1
     steps = grid.steps
-    guard = StiffnessGuard(stiff_guard) if stiff_guard is not None else None
+    guard = stiffness_guard(stiff_guard)
     for i in range(steps):
         cur, nxt = grid[i], grid[i + 1]
         x0 = yield x, cur
-        if guard is not None:
-            guard.observe(x, x0, cur)
+        guard.observe(x, x0, cur)
         # UniC: correct x at `cur` with the evaluation made there.
         # (a step out of alpha = 0 is kept as predicted: its first-order step is the exact limit)
         if last_x is not None and (i - 1) not in disable_corrector and math.isfinite(lvs[-1].lam):
             x_corr = _corrector(last_x, x0, ms, lvs, cur, this_order, variant)
             # under guidance: no correction for samples whose ODE was stiff over that step (stiffness.py)
-            ok = None if guard is None else guard.accept(cur.lam - lvs[-1].lam, this_order + 1)
-            x = x_corr if ok is None else StiffnessGuard.pick(ok, x_corr, x)
+            x = guard.choose(cur.lam - lvs[-1].lam, this_order + 1, x_corr, x)
         ms, lvs = (ms + [x0])[-order:], (lvs + [cur])[-order:]
         k = min(order, steps - i) if lower_order_final else order
         this_order = min(k, len(ms))
@@ -103,8 +101,7 @@ def unipc(
             x = ddim_step(x, x0, cur, nxt)
         else:
             x_pred = _predictor(x, ms, lvs, nxt, this_order, variant)
-            ok = None if guard is None else guard.accept(nxt.lam - cur.lam, this_order)
-            x = x_pred if ok is None else StiffnessGuard.pick(ok, x_pred, ddim_step(x, x0, cur, nxt))
+            x = guard.choose_ddim(this_order, x_pred, x, x0, cur, nxt)
         if callback is not None:
             callback(StepInfo(i, nxt, x, x0))
     return x
