@@ -1,6 +1,8 @@
 """Load test of ``noisewise serve`` on loopback: 32 concurrent clients send mixed requests (samplers,
 steps, guidance, seeds) for ``--duration`` seconds, once with continuous batching and once serving
-one request at a time, in the same run; then the fault cases (malformed JSON, oversize body,
+one request at a time, in the same run (both servers up at once, the load alternating between them in
+``--rounds`` windows so that a change in the machine's background load hits both modes alike); then the
+fault cases (malformed JSON, oversize body,
 disconnects, a flood past the queue) with the server checked healthy afterwards; then Ray batch
 throughput with 1 vs 2 workers.
 
@@ -16,6 +18,7 @@ import json
 import os
 import platform
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -102,7 +105,32 @@ async def load(url: str, clients: int, duration: float, seed0: int) -> dict:
             "p99_s": round(float(np.percentile(a, 99)), 3) if len(a) else None,
             "duplicates": sum(v - 1 for v in seen.values() if v > 1),
             "lost": sent - sum(statuses.values()),
-            "server_5xx": sum(v for k, v in statuses.items() if k >= 500)}
+            "server_5xx": sum(v for k, v in statuses.items() if k >= 500),
+            "images": images, "nfe": nfe, "latencies": lat, "seeds": seen}
+
+
+def merge_windows(ws: list[dict]) -> dict:
+    """One result from several load windows of the same mode (sums; percentiles over all requests)."""
+    lat = [x for w in ws for x in w["latencies"]]
+    seen: dict[int, int] = {}
+    for w in ws:
+        for k, v in w["seeds"].items():
+            seen[k] = seen.get(k, 0) + v
+    statuses: dict[str, int] = {}
+    for w in ws:
+        for k, v in w["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    wall = sum(w["wall_s"] for w in ws)
+    images, nfe = sum(w["images"] for w in ws), sum(w["nfe"] for w in ws)
+    a = np.array(lat)
+    return {"windows": len(ws), "requests_sent": sum(w["requests_sent"] for w in ws), "statuses": statuses,
+            "ok": len(lat), "wall_s": round(wall, 2), "images_per_s": round(images / wall, 3),
+            "nfe_per_s": round(nfe / wall, 2),
+            "p50_s": round(float(np.percentile(a, 50)), 3) if len(a) else None,
+            "p99_s": round(float(np.percentile(a, 99)), 3) if len(a) else None,
+            "duplicates": sum(v - 1 for v in seen.values() if v > 1),
+            "lost": sum(w["lost"] for w in ws), "server_5xx": sum(w["server_5xx"] for w in ws),
+            "per_window_images_per_s": [w["images_per_s"] for w in ws]}
 
 
 async def scrape(url: str) -> dict:
@@ -163,20 +191,32 @@ async def faults(url: str) -> dict:
     return res
 
 
-def run_mode(batching: bool, args: argparse.Namespace, with_faults: bool) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(port, batching)
+def run_modes(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Both servers up; ``args.rounds`` alternating windows of ``duration / rounds`` seconds each."""
+    ports = {True: free_port(), False: free_port()}
+    procs = {b: start_server(p, b) for b, p in ports.items()}
+    urls = {b: f"http://127.0.0.1:{p}" for b, p in ports.items()}
+    windows: dict[bool, list[dict]] = {True: [], False: []}
     try:
-        asyncio.run(wait_ready(url))
-        out = asyncio.run(load(url, args.clients, args.duration, seed0=7))
-        out["metrics"] = asyncio.run(scrape(url))
-        if with_faults:
-            out["faults"] = asyncio.run(faults(url))
-        return out
+        for u in urls.values():
+            asyncio.run(wait_ready(u))
+        for r in range(args.rounds):
+            order = (True, False) if r % 2 == 0 else (False, True)
+            for batching in order:
+                w = asyncio.run(load(urls[batching], args.clients, args.duration / args.rounds, seed0=7 + 100 * r))
+                windows[batching].append(w)
+                print(f"  round {r + 1}/{args.rounds} {'batching' if batching else 'one at a time'}: "
+                      f"{w['images_per_s']} images/s", flush=True)
+        out = {b: merge_windows(ws) for b, ws in windows.items()}
+        out[True]["metrics"] = asyncio.run(scrape(urls[True]))
+        out[False]["metrics"] = asyncio.run(scrape(urls[False]))
+        out[True]["faults"] = asyncio.run(faults(urls[True]))
+        return out[True], out[False]
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(60)
 
 
 def ray_bench(items: int, steps: int) -> dict:
@@ -189,38 +229,49 @@ def ray_bench(items: int, steps: int) -> dict:
             cmd = [sys.executable, "-m", "noisewise.cli", "batch", str(p), "--out", f"{d}/out{workers}",
                    "--engine", "ray", "--workers", str(workers), "--torch-threads", "1", "--quiet"]
             t = time.monotonic()
-            subprocess.run(cmd, check=True, cwd=ROOT)
+            r = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
             wall = time.monotonic() - t
-            out[f"{workers}_workers"] = {"wall_s": round(wall, 1), "items_per_s": round(items / wall, 3)}
+            m = re.search(r"first result after ([0-9.]+) s, then ([0-9.]+) items/s", r.stdout)
+            out[f"{workers}_workers"] = {"wall_s": round(wall, 1), "items_per_s": round(items / wall, 3),
+                                         "first_result_s": float(m.group(1)) if m else None,
+                                         "steady_items_per_s": float(m.group(2)) if m else None}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of load per mode (all windows)")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating load windows per mode")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--no-ray", action="store_true")
-    ap.add_argument("--ray-items", type=int, default=16)
+    ap.add_argument("--ray-items", type=int, default=32)
+    ap.add_argument("--ray-steps", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     args = ap.parse_args()
     args.duration = min(args.duration, 120.0)  # bounded
     args.clients = min(args.clients, 64)
     res = {"command": "python " + " ".join(sys.argv), "machine": f"{os.cpu_count()}-core CPU, no GPU, "
            f"{platform.platform()}", "clients": args.clients, "duration_s": args.duration}
-    res["batched"] = run_mode(True, args, with_faults=True)
-    res["one_at_a_time"] = run_mode(False, args, with_faults=False)
+    args.rounds = max(1, args.rounds)
+    res["rounds"] = args.rounds
+    res["batched"], res["one_at_a_time"] = run_modes(args)
     b, s = res["batched"], res["one_at_a_time"]
     res["speedup_images_per_s"] = round(b["images_per_s"] / s["images_per_s"], 2) if s["images_per_s"] else None
     if not args.no_ray:
-        res["ray_batch"] = ray_bench(args.ray_items, 8)
+        res["ray_batch"] = ray_bench(args.ray_items, args.ray_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for r in (res["batched"], res["one_at_a_time"]):
+        r.pop("latencies", None)
+        r.pop("seeds", None)
+    res["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     (out / "server.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [
         "# Server load test", "",
         f"Command: `{res['command']}`  ", f"Machine: {res['machine']}  ",
         f"{args.clients} concurrent loopback clients, mixed requests (samplers {', '.join(SAMPLERS)}; steps 4-12; "
-        f"guidance 1-7.5; distinct seeds), {args.duration:g} s per mode, shapes-vp (32x32).", "",
+        f"guidance 1-7.5; distinct seeds), {args.duration:g} s per mode in {args.rounds} alternating windows "
+        "(both servers up throughout), shapes-vp (32x32), 1 torch thread per server.", "",
         "| mode | ok requests | images/s | NFE/s | p50 latency (s) | p99 latency (s) | 5xx | lost | duplicated | "
         "mean rows/forward |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -228,7 +279,9 @@ def main() -> None:
         lines.append(f"| {name} | {r['ok']} | {r['images_per_s']} | {r['nfe_per_s']} | {r['p50_s']} | {r['p99_s']} | "
                      f"{r['server_5xx']} | {r['lost']} | {r['duplicates']} | "
                      f"{r['metrics'].get('mean_rows_per_forward')} |")
-    lines += ["", f"Throughput ratio (batching / one at a time): **{res['speedup_images_per_s']}x**", ""]
+    lines += ["", f"Throughput ratio (batching / one at a time): **{res['speedup_images_per_s']}x** "
+              f"(per window, images/s: batching {b['per_window_images_per_s']}, one at a time "
+              f"{s['per_window_images_per_s']})", ""]
     f = b["faults"]
     lines += ["## Fault cases (batching server, after the load)", "",
               f"- malformed JSON -> {f['malformed_json']}; 100 kB body -> {f['oversize_body']}; "
@@ -241,10 +294,13 @@ def main() -> None:
     if "ray_batch" in res:
         rb = res["ray_batch"]
         lines += ["## Ray batch (`noisewise batch --engine ray`)", "",
-                  f"{args.ray_items} items, 8 steps, 1 torch thread per worker, wall time including Ray start "
-                  "and model loading per worker:", "", "| workers | wall (s) | items/s |", "|---|---|---|"]
+                  f"{args.ray_items} items, {args.ray_steps} steps, 1 torch thread per worker. Wall time includes "
+                  "Ray start and model loading per worker; 'steady' is the rate after the first result:", "",
+                  "| workers | wall (s) | items/s overall | first result (s) | steady items/s |",
+                  "|---|---|---|---|---|"]
         for k, v in rb.items():
-            lines.append(f"| {k.split('_')[0]} | {v['wall_s']} | {v['items_per_s']} |")
+            lines.append(f"| {k.split('_')[0]} | {v['wall_s']} | {v['items_per_s']} | {v['first_result_s']} | "
+                         f"{v['steady_items_per_s']} |")
         lines.append("")
     (out / "server.md").write_text("\n".join(lines))
     print("\n".join(lines))

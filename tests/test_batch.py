@@ -38,6 +38,8 @@ def local_run(prompts, tmp_path_factory):
 def test_local_engine_writes_images_and_parameters(local_run):
     out, rep = local_run
     assert (rep.total, rep.done, rep.skipped) == (3, 3, 0)
+    assert 0 < rep.first_result_s < rep.seconds  # start-up + first item, then the steady rate of the other two
+    assert rep.steady_items_per_s == pytest.approx(2 / (rep.seconds - rep.first_result_s))
     recs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert sorted(recs) == ["000000", "000002", "blue"]
     assert recs["000000"]["metadata"][0]["seed"] == 7 and recs["blue"]["metadata"][0]["seed"] == 1  # base + index
@@ -55,7 +57,7 @@ def test_resume_skips_finished_items(local_run, prompts):
     out, _ = local_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     rep = jobs.run_batch(jobs.read_items(prompts), out, progress=False)
-    assert (rep.done, rep.skipped) == (0, 3)
+    assert (rep.done, rep.skipped) == (0, 3) and rep.first_result_s is None and rep.steady_items_per_s is None
     # a crash after the PNG but before the JSON: that item (only) is redone, with the same image
     (out / "blue.json").unlink()
     png = (out / "blue.png").read_bytes()

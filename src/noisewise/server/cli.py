@@ -42,8 +42,11 @@ def cmd_batch(a: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
     rep = run_batch(items, a.out, engine=a.engine, workers=a.workers, address=a.address,
                     torch_threads=a.torch_threads, progress=not a.quiet)
+    steady = rep.steady_items_per_s
+    after = (f"; first result after {rep.first_result_s:.1f} s, then {steady:.2f} items/s"
+             if steady is not None and rep.first_result_s is not None else "")
     print(f"{rep.done} item(s) generated, {rep.skipped} already done, {rep.total} in all -> {a.out} "
-          f"({rep.seconds:.1f} s, {rep.images_per_s:.2f} items/s)")
+          f"({rep.seconds:.1f} s, {rep.images_per_s:.2f} items/s{after})")
     return 0
 
 

@@ -152,10 +152,18 @@ class BatchReport:
     done: int
     seconds: float
     nfe: int
+    first_result_s: float | None = None  # start-up (engine, model loading) plus the first item
 
     @property
     def images_per_s(self) -> float:
         return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_items_per_s(self) -> float | None:
+        """Items per second after the first result (start-up excluded); None with fewer than 2 items."""
+        if self.first_result_s is None or self.done < 2 or self.seconds <= self.first_result_s:
+            return None
+        return (self.done - 1) / (self.seconds - self.first_result_s)
 
 
 def _local(items: list[dict[str, Any]], torch_threads: int | None) -> Iterator[tuple[str, Any, Any, int]]:
@@ -208,12 +216,15 @@ def run_batch(
         bar = tqdm(total=len(items), initial=skipped, desc=f"batch ({engine})", unit="item", file=sys.stderr)
     t0 = time.perf_counter()
     done = nfe = 0
+    first: float | None = None
     try:
         if pending:
             results = _local(pending, torch_threads) if engine == "local" else _ray(pending, workers, address,
                                                                                   torch_threads)
             for item_id, images, meta, n in results:
                 write_item(out_dir, item_id, images, meta, n)
+                if first is None:
+                    first = time.perf_counter() - t0
                 done += 1
                 nfe += n
                 if bar is not None:
@@ -221,4 +232,4 @@ def run_batch(
     finally:
         if bar is not None:
             bar.close()
-    return BatchReport(len(items), skipped, done, time.perf_counter() - t0, nfe)
+    return BatchReport(len(items), skipped, done, time.perf_counter() - t0, nfe, first)
