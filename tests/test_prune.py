@@ -21,6 +21,7 @@ from noisewise.pipeline.prune import (  # noqa: E402
     Unit,
     calibration_batch,
     count_parameters,
+    greedy_select,
     measure_importance,
     model_fn_for,
     prunable_units,
@@ -196,3 +197,37 @@ def test_calibration_batch_matches_the_schedule(name):
     units = prunable_units(pipe.unet)[:16]
     scores = measure_importance(pipe.unet, units, c)
     assert all(s >= 0 for _, s in scores) and scores[0][1] < scores[-1][1]
+
+
+def test_x0_metric_weights_rows_and_greedy_selection():
+    unet, c = tiny_unet(), _calib(6)
+    w = torch.tensor([4.0, 0.0, 1.0, 0.0, 0.0, 2.0])
+    cw = Calibration(c.x, c.t, c.cond, c.target, w)
+    unit = Unit("head", "up_blocks.1.attentions.0.transformer_blocks.0.attn1", 0)
+    base = _out(unet, c)
+    with removed(unet, [unit]):
+        out = _out(unet, c)
+    wv = w.view(-1, 1, 1, 1)
+    want = float((wv * (out - base) ** 2).mean() / (wv * base**2).mean())
+    (u, got), = measure_importance(unet, [unit], cw, metric="x0")
+    assert u == unit and got == pytest.approx(want, rel=1e-5)
+    # `given`: measured on top of units already removed
+    other = Unit("transformer", "down_blocks.0.attentions.0")
+    with removed(unet, [other]):
+        b2 = _out(unet, c)
+    with removed(unet, [other, unit]):
+        o2 = _out(unet, c)
+    (_, got2), = measure_importance(unet, [unit], c, given=[other])
+    assert got2 == pytest.approx(float((o2 - b2).pow(2).mean() / b2.pow(2).mean()), rel=1e-5)
+    # greedy rounds: dead units go first, the counts are met
+    dead_head = Unit("head", "up_blocks.0.attentions.1.transformer_blocks.0.attn2", 1)
+    dead_tr = Unit("transformer", "down_blocks.0.attentions.0")
+    _zero_head(unet, dead_head.path, dead_head.head)
+    _zero_transformer(unet, dead_tr.path)
+    cw = Calibration(c.x, c.t, c.cond, c.target, torch.ones(6))
+    chosen = greedy_select(unet, cw, heads=3, transformers=1, rounds=3, batch=3)
+    assert dead_tr in chosen and dead_head in chosen
+    assert sum(u.kind == "head" for u in chosen) == 3 and sum(u.kind == "transformer" for u in chosen) == 1
+    assert chosen[0] == dead_tr  # round 1 takes the (only) transformer: the dead one
+    single = measure_importance(unet, prunable_units(unet), cw, metric="x0", batch=3)
+    assert greedy_select(unet, cw, heads=2, rounds=1, batch=3) == select_units(single, heads=2)

@@ -52,12 +52,16 @@ class Unit:
 
 @dataclass
 class Calibration:
-    """Network inputs ``x``, ``t`` (model time), ``cond`` and the training ``target`` for each row."""
+    """Network inputs ``x``, ``t`` (model time), ``cond`` and the training ``target`` for each row;
+    ``x0_weight``: per row, the factor from a squared change of the prediction to the squared change
+    of the denoised estimate ``x0`` the sampler uses (``(sigma / alpha)^2`` for epsilon prediction,
+    ``sigma^2`` for flow and v, 1 for sample); ones when not given."""
 
     x: Tensor
     t: Tensor
     cond: Tensor
     target: Tensor
+    x0_weight: Tensor | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -163,7 +167,8 @@ def calibration_batch(
     for i in uncond_rows:
         prompts[i] = neg
     cond = pipe.encode_prompt(prompts)
-    return Calibration(x.float(), t.float().to(z0.device), cond.float(), targets[pt].float())
+    w = {"epsilon": (s / a) ** 2, "flow": s**2, "v_prediction": s**2, "sample": torch.ones_like(s)}[pt]
+    return Calibration(x.float(), t.float().to(z0.device), cond.float(), targets[pt].float(), w.reshape(-1).float())
 
 
 # -- measurement --------------------------------------------------------------------------------
@@ -230,30 +235,67 @@ def _predict(unet: nn.Module, calib: Calibration, batch: int) -> Tensor:
 
 
 def measure_importance(
-    unet: nn.Module, units: Sequence[Unit], calib: Calibration, *, metric: Literal["output", "loss"] = "output",
-    batch: int = 64, progress: Callable[[int, int], Any] | None = None,
+    unet: nn.Module, units: Sequence[Unit], calib: Calibration, *,
+    metric: Literal["output", "x0", "loss"] = "output", batch: int = 64, given: Sequence[Unit] = (),
+    progress: Callable[[int, int], Any] | None = None,
 ) -> list[tuple[Unit, float]]:
-    """Importance of each unit removed alone, least important first.
+    """Importance of each unit removed alone (on top of the units ``given`` as removed already),
+    least important first.
 
-    ``output``: ``mean((f_without - f)^2) / mean(f^2)``; ``loss``: ``mean((f_without - y)^2) -
+    ``output``: ``mean((f_without - f)^2) / mean(f^2)``; ``x0``: the same change carried to the
+    denoised estimate (``calib.x0_weight`` per row, so errors at high noise, where the image layout is
+    decided, weigh more), relative to ``mean(x0_weight * f^2)``; ``loss``: ``mean((f_without - y)^2) -
     mean((f - y)^2)`` with ``y`` the training target (may be negative: removing the unit helps)."""
-    if metric not in ("output", "loss"):
-        raise ValueError(f"metric must be 'output' or 'loss', got {metric!r}")
-    base = _predict(unet, calib, batch)
-    ref = base.pow(2).mean()
+    if metric not in ("output", "x0", "loss"):
+        raise ValueError(f"metric must be 'output', 'x0' or 'loss', got {metric!r}")
+    w = torch.ones(len(calib)) if metric != "x0" or calib.x0_weight is None else calib.x0_weight
+    w = w.reshape(-1, *([1] * (calib.x.ndim - 1))).to(calib.x.device)
+    with removed(unet, given):
+        base = _predict(unet, calib, batch)
+    ref = (w * base.pow(2)).mean()
     base_loss = (base - calib.target).pow(2).mean()
     scores = []
     for i, u in enumerate(units):
-        with removed(unet, [u]):
+        with removed(unet, [*given, u]):
             out = _predict(unet, calib, batch)
-        if metric == "output":
-            s = float((out - base).pow(2).mean() / ref)
-        else:
+        if metric == "loss":
             s = float((out - calib.target).pow(2).mean() - base_loss)
+        else:
+            s = float((w * (out - base).pow(2)).mean() / ref)
         scores.append((u, s))
         if progress is not None:
             progress(i + 1, len(units))
     return sorted(scores, key=lambda us: (us[1], us[0]))
+
+
+def greedy_select(
+    unet: nn.Module, calib: Calibration, *, heads: int = 0, transformers: int = 0, rounds: int = 4,
+    metric: Literal["output", "x0", "loss"] = "x0", batch: int = 64,
+) -> list[Unit]:
+    """Choose ``heads`` heads and ``transformers`` transformers to remove in ``rounds`` rounds: each
+    round re-measures the remaining units on the model with the earlier choices removed and takes the
+    least important share, so that units that stand in for each other are not all removed on the
+    strength of each one alone (costs ``rounds`` times :func:`measure_importance`)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    chosen: list[Unit] = []
+    want = {"head": int(heads), "transformer": int(transformers)}
+    for r in range(rounds):
+        gone_t = tuple(u.path + "." for u in chosen if u.kind == "transformer")
+        left = [u for u in prunable_units(unet) if u not in chosen and not u.path.startswith(gone_t)]
+        left = [u for u in left if want[u.kind] > 0]
+        if not left:
+            break
+        scores = measure_importance(unet, left, calib, metric=metric, batch=batch, given=chosen)
+        for kind in ("transformer", "head"):
+            have = sum(u.kind == kind for u in chosen)
+            take = -(-(want[kind] - have) // (rounds - r))  # ceil: the remaining share of this round
+            picks = [u for u, _ in scores if u.kind == kind]
+            if kind == "head":
+                gone_t = tuple(u.path + "." for u in chosen if u.kind == "transformer")
+                picks = [u for u in picks if not u.path.startswith(gone_t)]
+            chosen += picks[:max(0, take)]
+    return chosen
 
 
 def select_units(
