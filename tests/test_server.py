@@ -132,8 +132,8 @@ def test_malformed_and_oversize_bodies(client):
 
 def test_presets_models_samplers_and_openapi(client):
     names = [p["name"] for p in client.get("/v1/presets").json()["presets"]]
-    assert "draft" in names
-    r = client.post("/v1/generate", json={"prompt": "a red circle", "preset": "draft", "steps": 2, "seed": 0})
+    assert {"realtime", "balanced", "quality"} <= set(names)
+    r = client.post("/v1/generate", json={"prompt": "a red circle", "preset": "realtime", "steps": 2, "seed": 0})
     assert r.status_code == 200
     meta = r.json()["images"][0]["metadata"]
     assert meta["steps"] == 2 and meta["sampler"] == "dpmpp_2m"  # explicit steps win over the preset

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .pipeline.presets import PRESETS
+
 DEFAULT_MODEL = "shapes-vp"
 
 
@@ -114,11 +116,32 @@ def cmd_generate(a: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    image = None
+    if a.image is not None:
+        import numpy as np
+
+        try:
+            from PIL import Image
+
+            image = np.asarray(Image.open(a.image).convert("RGB"))
+        except (OSError, ImportError) as e:
+            raise UserError(f"cannot read --image {a.image!r}: {e}") from None
+    elif a.strength is not None:
+        raise UserError("--strength needs --image (image-to-image)")
     try:
         pipe = Pipeline.from_pretrained(a.model, device=device)
+        if a.preset is not None:
+            from .pipeline.presets import prepare
+
+            prepare(pipe, a.preset)  # the preset's pipeline-level optimizations (e.g. bfloat16)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise UserError(str(e)) from None
-    steps = a.steps if a.steps is not None else pipe.defaults["steps"]
+    steps = a.steps if a.steps is not None else (
+        PRESETS[a.preset].steps if a.preset is not None else pipe.defaults["steps"])
+    if image is not None:
+        from .core.grid import strength_start
+
+        steps -= strength_start(steps, 0.8 if a.strength is None else a.strength)
     bar = None
     if not a.quiet:
         try:
@@ -135,7 +158,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     try:
         res = pipe(
             a.prompt, negative_prompt=a.negative_prompt, num_images=a.num_images, seed=a.seed,
-            sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale, callback=on_step,
+            sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale, callback=on_step, preset=a.preset,
+            **({"image": image, "strength": a.strength} if image is not None else {}),
             **({"spacing": a.spacing} if a.spacing is not None else {}),
         )
     except (ValueError, TypeError) as e:
@@ -194,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=_float_range(0.0, 50.0, "--guidance-scale"), default=None,
                    help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--seed", type=_int_range(0, 2**62, "--seed"), default=0, help="image i uses seed + i")
+    g.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="latency/quality preset (sampler, steps, guidance, precision); explicit options win")
+    g.add_argument("--image", default=None, help="image-to-image: start from this picture (model size, e.g. 32x32)")
+    g.add_argument("--strength", type=_float_range(0.0, 1.0, "--strength"), default=None,
+                   help="image-to-image strength: 0 keeps the image, 1 ignores it (default 0.8)")
     g.add_argument("--num-images", type=_int_range(1, 64, "--num-images"), default=1)
     g.add_argument("--out", default="out.png", help="the viewable PNG; native images go to <out>-<i>.png")
     g.add_argument("--scale", type=_int_range(1, 64, "--scale"), default=8, help="pixel-exact upscaling of the view")

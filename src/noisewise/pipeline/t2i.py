@@ -122,6 +122,9 @@ class Pipeline:
         }
         self.source = source
         self.index = index or {}
+        pinned = getattr(text_encoder, "pinned_prompts", None)
+        if pinned is not None:  # the default negative prompt stays warm in the embedding cache
+            pinned.add(self.defaults["negative_prompt"])
         cfg = unet.config
         self.sample_size = int(cfg.sample_size) * codec.downsample
         self.latent_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
@@ -202,10 +205,18 @@ class Pipeline:
         index["_noisewise"] = nw
         (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    def to(self, device: str | torch.device) -> Pipeline:
-        self.unet.to(device)
-        self.codec.vae.to(device)
-        self.text_encoder.to(device)
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move the networks to ``device`` and/or cast them to ``dtype`` (``torch.float16`` /
+        ``torch.bfloat16``: the UNet, VAE and text encoder run in half precision while the solver
+        keeps its state in float32; a half VAE decode falls back to float32 on NaN/black images)."""
+        if device is not None:
+            self.unet.to(device)
+            self.codec.vae.to(device)
+            self.text_encoder.to(device)
+        if dtype is not None:
+            self.unet.to(dtype=dtype)
+            self.codec.vae.to(dtype=dtype)
+            self.text_encoder.to(dtype=dtype)
         return self
 
     @property
@@ -266,6 +277,9 @@ class Pipeline:
         guidance_scale: float | None = None,
         callback: Callable[[Any], Any] | None = None,
         model: Callable[..., Tensor] | None = None,
+        image: Any = None,
+        strength: float | None = None,
+        preset: str | None = None,
         **sampler_options: Any,
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt; image ``i`` uses seed ``seed + i``.
@@ -277,6 +291,11 @@ class Pipeline:
             sampler / steps / guidance_scale: default to the model's recommendation.
             model: a stand-in for the network called as ``model(x, model_time, cond)`` instead of
                 :meth:`model_fn` (e.g. a :class:`noisewise.serving.ForwardBatcher` over it).
+            image / strength: image-to-image (:mod:`noisewise.pipeline.img2img`): start from the VAE
+                encoding of ``image`` (one, or one per generated image) noised to the ``strength``
+                level (default 0.8; 1 ignores the image, 0 returns it).
+            preset: ``"realtime"``, ``"balanced"`` or ``"quality"`` (:mod:`noisewise.pipeline.presets`):
+                sampler, steps, guidance and sampler options; explicit arguments override it.
         """
         if isinstance(prompt, str) and (
             isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES
@@ -285,6 +304,12 @@ class Pipeline:
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("give at least one prompt")
+        if preset is not None:
+            from .presets import apply_preset
+
+            sampler, steps, guidance_scale, sampler_options = apply_preset(
+                preset, sampler, steps, guidance_scale, sampler_options
+            )
         sampler = sampler or self.defaults["sampler"]
         steps = int(steps if steps is not None else self.defaults["steps"])
         if not 1 <= steps <= MAX_STEPS:
@@ -300,6 +325,13 @@ class Pipeline:
         cond = self.encode_prompt(prompts)
         uncond = self.encode_prompt([neg] * len(prompts))
         noise = self.initial_noise(seeds)
+        if image is not None or strength is not None:
+            from .img2img import DEFAULT_STRENGTH, check_strength, encode_images
+
+            if image is None:
+                raise ValueError("strength= needs image= (the input image of image-to-image)")
+            s = check_strength(DEFAULT_STRENGTH if strength is None else strength)
+            sampler_options = {**sampler_options, "init": encode_images(self, image, len(prompts)), "strength": s}
         latents, nfe = self._sample(noise, cond, uncond, w, sampler, steps, callback, model=model,
                                         **sampler_options)
         images = self.decode(latents)
@@ -311,7 +343,14 @@ class Pipeline:
                 "guidance_scale": w, "seed": s, "sampler_options": {k: v for k, v in sampler_options.items()
                                                                       if isinstance(v, (int, float, str, bool))},
                 "size": [int(images.shape[1]), int(images.shape[2])], "noisewise": __version__,
+                **({"preset": preset} if preset is not None else {}),
             }
             for p, s in zip(prompts, seeds)
         ]
         return GenerationResult(images, meta, nfe, {"truncated": [self.text_encoder.truncates(p) for p in prompts]})
+
+    def img2img(
+        self, image: Any, prompt: str | Sequence[str], *, strength: float = 0.8, **kwargs: Any
+    ) -> GenerationResult:
+        """Image-to-image: ``self(prompt, image=image, strength=strength, **kwargs)``."""
+        return self(prompt, image=image, strength=strength, **kwargs)

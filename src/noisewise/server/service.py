@@ -78,16 +78,22 @@ class ServerConfig:
     torch_threads: int | None = None  # intra-op threads (1 is best on a small, shared CPU)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "draft": {"sampler": "dpmpp_2m", "steps": 8, "guidance_scale": 5.0,
-              "description": "fastest preview: 8 steps of DPM-Solver++(2M)"},
-    "balanced": {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 7.5,
-                 "description": "the shipped models' default"},
-    "quality": {"sampler": "unipc", "steps": 30, "guidance_scale": 7.5,
-                "description": "UniPC, 30 steps"},
-    "stochastic": {"sampler": "dpmpp_2m_sde", "steps": 30, "guidance_scale": 7.5,
-                   "description": "SDE sampler (seeded per image: reproducible)"},
-}
+def _presets() -> dict[str, dict[str, Any]]:
+    """The pipeline's latency/quality presets (noisewise.pipeline.presets; their pipeline-level
+    optimizations are not applied per request) plus the server's seeded SDE preset."""
+    from ..pipeline.presets import PRESETS as PIPELINE_PRESETS
+
+    out: dict[str, dict[str, Any]] = {
+        p.name: {"sampler": p.sampler, "steps": p.steps, "guidance_scale": p.guidance_scale,
+                 "description": p.description}
+        for p in PIPELINE_PRESETS.values()
+    }
+    out["stochastic"] = {"sampler": "dpmpp_2m_sde", "steps": 30, "guidance_scale": 2.0,
+                         "description": "SDE sampler (seeded per image: reproducible)"}
+    return out
+
+
+PRESETS: dict[str, dict[str, Any]] = _presets()
 
 
 def _closest(name: str, options: list[str]) -> str:
