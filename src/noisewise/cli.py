@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("prompt", help='what to draw, e.g. "a large red circle on the left" ("" = unconditional)')
     g.add_argument("--negative-prompt", default=None,
-                   help='what to steer away from (default: the model\'s, "blurry, watermark"; "" for none)')
+                   help='what to steer away from (default: the model\'s: "blurry, watermark" for the shipped '
+                        'shapes models, none for other checkpoints; "" for none)')
     g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
     g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
     g.add_argument("--steps", type=_int_range(1, 1000, "--steps"), default=None, help="default: the model's (20)")
