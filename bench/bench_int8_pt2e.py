@@ -41,8 +41,12 @@ class Net(torch.nn.Module):
 def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    except ImportError:
+        sys.exit("this probe needs torchao (PyTorch 2.13's PT2E quantization lives there): "
+                 "pip install --no-deps torchao")
 
     t0 = time.time()
     load0 = os.getloadavg()
