@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'shapes models, none for other checkpoints; "" for none)')
     g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
     g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
-    g.add_argument("--steps", type=_int_range(1, 1000, "--steps"), default=None, help="default: the model's (20)")
+    g.add_argument("--steps", type=_int_range(1, 1000, "--steps"), default=None, help="default: the model's (10)")
     g.add_argument("--spacing", default=None,
                    help="where the steps sit: leading, trailing, linspace, karras, exponential, uniform_lambda, "
                         "time_quadratic, beta, or tuned (a schedule stored by `noisewise tune-schedule` for this "
