@@ -7,7 +7,7 @@ level) and interval 3 with the shallowest branch; attention heads pruned by meas
 (12.5 %, 25 %); whole transformers pruned by importance (1 and 3 of 11); and a control that prunes
 the 25 % *most* important heads (does the measurement matter?).
 
-Latency: the denoising loop (``noisewise.sample``, default sampler and steps, CFG batched; text
+Latency: the denoising loop (``noisewise.sample``, default sampler, ``--steps`` steps, CFG batched; text
 encoding and VAE decoding excluded, they do not change), batch 1 and batch 8 prompts, variants
 interleaved in every repetition (rotated order); the ratio is the median over repetitions of
 plain's time over the variant's in the same repetition.
@@ -86,13 +86,14 @@ def variants(pipe: Pipeline, scores: list) -> dict[str, dict[str, Any]]:
     return out
 
 
-def time_loop(pipe: Pipeline, models: dict[str, dict[str, Any]], batch: int, reps: int) -> dict[str, list[float]]:
+def time_loop(pipe: Pipeline, models: dict[str, dict[str, Any]], batch: int, reps: int,
+              steps: int) -> dict[str, list[float]]:
     prompts = benchmark_prompts(batch, seed=77)
     cond = pipe.encode_prompt(prompts)
     uncond = pipe.encode_prompt([pipe.defaults["negative_prompt"]] * batch)
     noise = pipe.initial_noise(list(range(batch)))
     d = pipe.defaults
-    kw = dict(schedule=pipe.schedule, sampler=d["sampler"], steps=d["steps"], cond=cond, uncond=uncond,
+    kw = dict(schedule=pipe.schedule, sampler=d["sampler"], steps=steps, cond=cond, uncond=uncond,
               guidance_scale=d["guidance_scale"])
     names = list(models)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -140,7 +141,7 @@ def selection_study(a: Any, out: Path, ev: Evaluator, prompts: list[str], reqs: 
         plain_imgs = None
         for label, sel in choices.items():
             net = prune_unet(pipe.unet, sel)
-            imgs = pipe(prompts, seed=0, model=None if not sel else model_fn_for(net)).images
+            imgs = pipe(prompts, seed=0, steps=a.steps, model=None if not sel else model_fn_for(net)).images
             plain_imgs = imgs if plain_imgs is None else plain_imgs
             acc = attribute_accuracy(reqs, ev.predict(imgs))
             r = {"params_ratio": count_parameters(net) / count_parameters(pipe.unet),
@@ -176,7 +177,7 @@ def forward_study(a: Any, out: Path) -> None:
     for name in a.models:
         pipe = Pipeline.from_pretrained(name)
         calib = calibration_batch(pipe, n=a.calib)
-        scores = measure_importance(pipe.unet, prunable_units(pipe.unet), calib)
+        scores = measure_importance(pipe.unet, prunable_units(pipe.unet), calib, metric=a.metric)
         models = variants(pipe, scores)
         for b in (2, 16):  # rows per call: 1 and 8 prompts with classifier-free guidance
             g = torch.Generator().manual_seed(b)
@@ -233,10 +234,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["shapes-vp", "shapes-flow"])
     ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20,
+                    help="sampling steps (the documented runs: 20, the shipped default when they ran)")
     ap.add_argument("--calib", type=int, default=32, help="calibration rows for the importance measurement")
     ap.add_argument("--reps", type=int, default=8, help="timed repetitions per variant at batch 1 (batch 8: half)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--metric", default="output", choices=["output", "x0", "loss"],
+                    help="importance metric of the main run and --forward (the documented run: output; "
+                         "--selection compares output and x0)")
     ap.add_argument("--selection", action="store_true", help="compare ways of choosing units (quality only)")
     ap.add_argument("--rounds", type=int, default=3, help="greedy rounds for --selection")
     ap.add_argument("--forward", action="store_true", help="time single network calls (many repetitions)")
@@ -264,11 +270,11 @@ def main() -> None:
         t0 = time.time()
         calib = calibration_batch(pipe, n=a.calib)
         units = prunable_units(pipe.unet)
-        scores = measure_importance(pipe.unet, units, calib)
+        scores = measure_importance(pipe.unet, units, calib, metric=a.metric)
         t_imp = time.time() - t0
         print(f"{name}: importance of {len(units)} units on {a.calib} rows in {t_imp:.0f} s", flush=True)
         models = variants(pipe, scores)
-        lat = {b: time_loop(pipe, models, b, a.reps if b == 1 else max(2, a.reps // 2)) for b in (1, 8)}
+        lat = {b: time_loop(pipe, models, b, a.reps if b == 1 else max(2, a.reps // 2), a.steps) for b in (1, 8)}
         plain_imgs = None
         res_m: dict[str, Any] = {"importance_seconds": t_imp, "units": len(units),
                                  "least_important": [(str(u), s) for u, s in scores[:8]],
@@ -280,7 +286,7 @@ def main() -> None:
             if isinstance(m, DeepCacheUNet):
                 m.reset_counters()
             t0 = time.time()
-            imgs = pipe(prompts, seed=0, model=None if vname == "plain" else m).images
+            imgs = pipe(prompts, seed=0, steps=a.steps, model=None if vname == "plain" else m).images
             gen_s = time.time() - t0
             if plain_imgs is None:
                 plain_imgs = imgs

@@ -11,12 +11,16 @@ Units:
   identity.
 
 Importance of a unit = how much removing it alone changes the network on a calibration batch:
-``metric="output"``: mean squared change of the prediction relative to the prediction's mean square;
-``metric="loss"``: increase of the denoising loss (the training target of the schedule's
-prediction type). Removal during measurement is exact masking (the head's ``to_out`` input columns
-zeroed, the transformer bypassed); :func:`prune_unet` then removes the least important units.
+``metric="x0"`` (default): mean squared change of the denoised estimate the sampler uses (the
+prediction's change weighted per row by ``(sigma/alpha)^2`` for epsilon, ``sigma^2`` for flow), so
+the high-noise levels where the layout is decided count fully; ``metric="output"``: the plain
+prediction's change; ``metric="loss"``: increase of the denoising loss against the training target.
+On the shipped models x0 chose far better heads than output (docs/benchmarks/prune_cache.md).
+Removal during measurement is exact masking (the head's ``to_out`` input columns zeroed, the
+transformer bypassed); :func:`prune_unet` then removes the least important units, and
+:func:`greedy_select` re-measures in rounds.
 
-    calib = calibration_batch(pipe, n=64)
+    calib = calibration_batch(pipe, n=32)
     scores = measure_importance(pipe.unet, prunable_units(pipe.unet), calib)
     small = prune_unet(pipe.unet, select_units(scores, heads=0.25))
     pipe(prompts, model=model_fn_for(small))
@@ -236,7 +240,7 @@ def _predict(unet: nn.Module, calib: Calibration, batch: int) -> Tensor:
 
 def measure_importance(
     unet: nn.Module, units: Sequence[Unit], calib: Calibration, *,
-    metric: Literal["output", "x0", "loss"] = "output", batch: int = 64, given: Sequence[Unit] = (),
+    metric: Literal["output", "x0", "loss"] = "x0", batch: int = 64, given: Sequence[Unit] = (),
     progress: Callable[[int, int], Any] | None = None,
 ) -> list[tuple[Unit, float]]:
     """Importance of each unit removed alone (on top of the units ``given`` as removed already),
