@@ -40,7 +40,7 @@ def _to_chw_list(image: Any) -> list[Tensor]:
             image = image[None]
         if image.ndim != 4 or image.shape[-1] != 3:
             raise ValueError(f"numpy images must be (H, W, 3) or (B, H, W, 3) RGB, got shape {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2).float() / 255.0
+        t = torch.tensor(image).permute(0, 3, 1, 2).float() / 255.0  # a copy: the input may be read-only
         return list(t)
     if isinstance(image, Tensor):
         if image.dtype == torch.uint8:
