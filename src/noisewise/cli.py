@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--seed", type=_int_range(0, 2**62, "--seed"), default=0, help="image i uses seed + i")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="latency/quality preset (sampler, steps, guidance, precision); explicit options win")
+                   help="latency/quality preset (sampler, steps, precision; the model's guidance scale); explicit "
+                        "options win")
     g.add_argument("--image", default=None, help="image-to-image: start from this picture (model size, e.g. 32x32)")
     g.add_argument("--strength", type=_float_range(0.0, 1.0, "--strength"), default=None,
                    help="image-to-image strength: 0 keeps the image, 1 ignores it (default 0.8)")

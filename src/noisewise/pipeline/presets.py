@@ -1,8 +1,10 @@
 """Latency/quality presets: ``pipe(prompt, preset="balanced")``, ``noisewise generate --preset``,
 ``{"preset": "balanced"}`` in the HTTP API.
 
-A preset fixes the sampler, steps, guidance and sampler options of a call (explicit arguments
-override each); ``optimizations`` lists the pipeline-level transforms measured with it
+A preset fixes the sampler, steps and sampler options of a call, and the guidance scale where it
+names one (None: the model's own default, so a preset picks the latency/quality point without
+changing what a user's checkpoint was tuned for; explicit arguments override each).
+``optimizations`` lists the pipeline-level transforms measured with it
 (:func:`noisewise.pipeline.optimize.apply`; they change the loaded model, so a call does not apply
 them: the CLI does with ``--preset``, a program calls :func:`prepare`). The values were chosen
 from ``bench/bench_inference.py`` on the shipped models (``docs/benchmarks/inference.md``).
@@ -20,24 +22,25 @@ class Preset:
     name: str
     sampler: str
     steps: int
-    guidance_scale: float
+    guidance_scale: float | None = None  # None: the model's default scale
     sampler_options: dict[str, Any] = field(default_factory=dict)
     optimizations: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per image for a multistep sampler (2 per step with guidance)."""
+        """Network evaluations per image for a multistep sampler (2 per step with guidance; a preset
+        that leaves the scale to the model counts as guided)."""
         return self.steps * (1 if self.guidance_scale == 1.0 else 2)
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("realtime", "dpmpp_2m", 6, 2.0,
+        Preset("realtime", "dpmpp_2m", 6,
                description="lowest latency at the default's accuracy: 6 guided steps"),
-        Preset("balanced", "dpmpp_2m", 12, 2.0, description="12 guided steps in float32"),
-        Preset("quality", "dpmpp_2m", 30, 2.0, description="30 guided steps in float32"),
+        Preset("balanced", "dpmpp_2m", 12, description="12 guided steps in float32"),
+        Preset("quality", "dpmpp_2m", 30, description="30 guided steps in float32"),
     )
 }
 
