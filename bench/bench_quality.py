@@ -140,6 +140,8 @@ def sample_ours(pipe: Any, noise: torch.Tensor, cond: torch.Tensor, uncond: torc
     import noisewise as nw
 
     opts: dict[str, Any] = {}
+    if sampler.endswith("+tuned"):  # e.g. "dpmpp_2m+tuned": the schedule stored by `noisewise tune-schedule`
+        sampler, spacing = sampler[: -len("+tuned")], "tuned"
     name = None if sampler == "auto" else sampler
     if name is not None and nw.get_sampler(name).stochastic:
         opts["generator"] = [torch.Generator().manual_seed(10_000 + seed + i) for i in range(noise.shape[0])]
@@ -774,7 +776,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--short-nfe", type=int, nargs="+", default=None,
                     help="NFE list for the secondary samplers (default: those of --nfe up to 20)")
     ap.add_argument("--samplers", nargs="+", default=None, help="noisewise samplers to run ('auto' = the "
-                    "recommended default) at every --nfe, instead of the built-in per-model lists")
+                    "recommended default; NAME+tuned = NAME on the schedule `noisewise tune-schedule` stored for "
+                    "this model, NFE and the default guidance) at every --nfe, instead of the built-in per-model lists")
     ap.add_argument("--schedulers", nargs="+", default=None, help="diffusers schedulers instead of the built-in lists")
     ap.add_argument("--ddpm-steps", type=int, default=1000)
     ap.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
