@@ -186,6 +186,25 @@ def _load_ckpt(path: Path | None, resume: bool) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _resume(ckpt: Path | None, resume: bool, gen: torch.Generator, plan: Plan, **parts: Any) -> int:
+    """Restore ``parts`` (name -> object with ``load_state_dict``), the generator and the plan's
+    history from a checkpoint written by :func:`_save_training`; returns the step to start from."""
+    state = _load_ckpt(ckpt, resume)
+    if state is None:
+        return 0
+    for name, obj in parts.items():
+        obj.load_state_dict(state[name])
+    gen.set_state(state["gen"])  # loaded on the CPU: what set_state takes for CPU and CUDA generators
+    plan.history = state["history"]
+    return int(state["step"])
+
+
+def _save_training(ckpt: Path | None, step: int, gen: torch.Generator, plan: Plan, **parts: Any) -> None:
+    """Checkpoint ``parts`` (name -> object with ``state_dict``), the generator and the plan's history."""
+    _save_ckpt(ckpt, **{name: obj.state_dict() for name, obj in parts.items()}, gen=gen.get_state(),
+               history=plan.history, step=step)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -246,14 +265,7 @@ def train_vae(
     opt, sched = _optimizer(vae.parameters(), lr, plan)
     gen = torch.Generator(dev).manual_seed(seed)
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    start = 0
-    state = _load_ckpt(ckpt, resume)
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"].to("cpu") if dev.type == "cpu" else state["gen"])
-        plan.history, start = state["history"], state["step"]
+    start = _resume(ckpt, resume, gen, plan, model=vae, opt=opt, sched=sched)
 
     def step_fn(step: int) -> Tensor:
         idx = torch.randint(len(data), (batch_size,), device=dev, generator=gen)
@@ -268,8 +280,7 @@ def train_vae(
         return loss
 
     def save(step: int) -> None:
-        _save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                   gen=gen.get_state(), history=plan.history, step=step)
+        _save_training(ckpt, step, gen, plan, model=vae, opt=opt, sched=sched)
 
     done = train_loop(step_fn, plan, start_step=start, desc="vae", log_every=log_every, checkpoint=save,
                       progress=progress, stop_at=stop_at)
@@ -386,15 +397,7 @@ def train_denoiser(
     opt, sched = _optimizer(unet.parameters(), lr, plan, weight_decay=0.01)
     gen = torch.Generator(dev).manual_seed(seed + (0 if kind == "vp" else 1))
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    start = 0
-    state = _load_ckpt(ckpt, resume)
-    if state is not None:
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
-        plan.history, start = state["history"], state["step"]
+    start = _resume(ckpt, resume, gen, plan, model=unet, ema=ema, opt=opt, sched=sched)
 
     def step_fn(step: int) -> Tensor:
         idx = torch.randint(len(mean), (batch_size,), device=dev, generator=gen)
@@ -413,8 +416,7 @@ def train_denoiser(
         return loss
 
     def save(step: int) -> None:
-        _save_ckpt(ckpt, model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                   sched=sched.state_dict(), gen=gen.get_state(), history=plan.history, step=step)
+        _save_training(ckpt, step, gen, plan, model=unet, ema=ema, opt=opt, sched=sched)
         if on_checkpoint is not None:
             on_checkpoint(ema, step)
 
@@ -458,14 +460,7 @@ def train_evaluator(
     opt, sched = _optimizer(model.parameters(), lr, plan, weight_decay=1e-4)
     gen = torch.Generator(dev).manual_seed(seed + 2)
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    start = 0
-    state = _load_ckpt(ckpt, resume)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
-        plan.history, start = state["history"], state["step"]
+    start = _resume(ckpt, resume, gen, plan, model=model, opt=opt, sched=sched)
 
     def step_fn(step: int) -> Tensor:
         idx = torch.randint(len(data), (batch_size,), device=dev, generator=gen)
@@ -482,8 +477,7 @@ def train_evaluator(
         return loss
 
     def save(step: int) -> None:
-        _save_ckpt(ckpt, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                   gen=gen.get_state(), history=plan.history, step=step)
+        _save_training(ckpt, step, gen, plan, model=model, opt=opt, sched=sched)
 
     done = train_loop(step_fn, plan, start_step=start, desc="evaluator", log_every=log_every,
                       checkpoint=save, progress=progress, stop_at=stop_at)
