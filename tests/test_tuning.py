@@ -142,8 +142,11 @@ def test_memory_cache_hit_miss_and_tuned_by_name(gmm):
     # another budget, another sampler option, another model: misses, with the call to make
     for other in (dict(nfe=5), dict(order=3)):
         args = {**dict(sampler="unipc", order=2, nfe=4), **other}
-        with pytest.raises(ValueError, match="no tuned schedule is cached"):
+        with pytest.raises(ValueError, match="no tuned schedule is cached") as miss:
             nw.sample(None, noise, schedule=sched, denoiser=D, spacing="tuned", **args)
+        assert isinstance(miss.value, tuning.NoTunedSchedule)  # what to tune, for callers such as the CLI
+        assert (miss.value.sampler, miss.value.options, miss.value.nfe) == ("unipc", {"order": args["order"]},
+                                                                           args["nfe"])
     with pytest.raises(ValueError, match="no tuned schedule is cached"):
         nw.sample(None, noise, schedule=sched, denoiser=CountingDenoiser(gmm), sampler="unipc", order=2, nfe=4,
                   spacing="tuned")

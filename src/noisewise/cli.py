@@ -94,6 +94,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
     from .pipeline import Pipeline
+    from .tuning import NoTunedSchedule
 
     out = Path(a.out)
     _check_writable(out)
@@ -162,18 +163,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
             **({"image": image, "strength": a.strength} if image is not None else {}),
             **({"spacing": a.spacing} if a.spacing is not None else {}),
         )
+    except NoTunedSchedule as e:
+        w = a.guidance_scale if a.guidance_scale is not None else pipe.defaults["guidance_scale"]
+        order = f" --order {e.options['order']}" if "order" in e.options else ""
+        raise UserError(f"no tuned schedule is cached for {a.model} with sampler {e.sampler!r} at {e.nfe} NFE "
+                        f"({e.steps} steps) and guidance scale {w:g}; tune one first (a few minutes): noisewise "
+                        f"tune-schedule --model {a.model} --sampler {e.sampler}{order} --nfe {e.nfe} "
+                        f"--guidance-scale {w:g} (docs/tuning.md)") from None
     except (ValueError, TypeError) as e:
-        msg = str(e)
-        if a.spacing == "tuned" and "no tuned schedule is cached" in msg:
-            import re
-
-            sampler = a.sampler or pipe.defaults["sampler"]
-            w = a.guidance_scale if a.guidance_scale is not None else pipe.defaults["guidance_scale"]
-            found = re.search(r"at (\d+) NFE", msg)
-            nfe = found.group(1) if found else "N"
-            msg = (f"{msg.split('; call')[0]}; tune one first (a few minutes): noisewise tune-schedule --model "
-                   f"{a.model} --sampler {sampler} --nfe {nfe} --guidance-scale {w:g} (docs/tuning.md)")
-        raise UserError(msg) from None
+        raise UserError(str(e)) from None
     finally:
         if bar is not None:
             bar.close()

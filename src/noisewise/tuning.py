@@ -81,6 +81,21 @@ _TAIL = 4  # reference: steps linear in rho from 2 rho_min to rho_min
 # ------------------------------------------------------------------------------------------------
 
 
+class NoTunedSchedule(ValueError):
+    """``spacing="tuned"`` found nothing cached for this model, sampler (and options) and budget;
+    the attributes say what to tune."""
+
+    def __init__(self, sampler: str, options: dict[str, Any], steps: int, nfe: int) -> None:
+        self.sampler, self.options, self.steps, self.nfe = sampler, dict(options), steps, nfe
+        opt_txt = "".join(f", {k}={v!r}" for k, v in options.items())
+        super().__init__(
+            f"no tuned schedule is cached for this model with sampler {sampler!r}{opt_txt} at {nfe} NFE "
+            f"({steps} steps); call nw.tune_schedule(model, schedule=..., sampler={sampler!r}, nfe={nfe}, "
+            f"shape=...{opt_txt}) first (same guidance settings), or load a cache file via "
+            f"${CACHE_ENV}"
+        )
+
+
 @dataclass(frozen=True)
 class TunedSchedule:
     """Model times tuned for one model, sampler and budget; pass it as ``nw.sample(spacing=...)``.
@@ -898,13 +913,7 @@ def use_tuned(
     key = cache_key(identity, schedule, s, name, opts, n, pt, guidance_scale, guidance)
     tuned = lookup(key, fn, stable, cache_file)
     if tuned is None:
-        opt_txt = "".join(f", {k}={v!r}" for k, v in opts.items())
-        raise ValueError(
-            f"no tuned schedule is cached for this model with sampler {name!r}{opt_txt} at {nfe_total} NFE "
-            f"({n} steps); call nw.tune_schedule(model, schedule=..., sampler={name!r}, nfe={nfe_total}, "
-            f"shape=...{opt_txt}) first (same guidance settings), or load a cache file via "
-            f"${CACHE_ENV}"
-        )
+        raise NoTunedSchedule(name, opts, n, nfe_total)
     return tuned, name, opts
 
 
