@@ -158,6 +158,12 @@ def test_sd3_folder_matches_diffusers(
     neg = pipe.encode_prompt([NEGATIVE])
     assert torch.equal(neg["encoder_hidden_states"], ne.float())
     assert torch.equal(neg["pooled_projections"], npp.float())
+    info = pipe.text_encoder.cache_info()
+    assert (info["misses"], info["size"]) == (2, 2)
+    again = pipe.encode_prompt([PROMPT, NEGATIVE])  # served from the cache, equal to a fresh encode
+    assert pipe.text_encoder.cache_info()["hits"] == info["hits"] + 2
+    assert torch.equal(again["encoder_hidden_states"][0], mine["encoder_hidden_states"][0])
+    assert torch.equal(again["pooled_projections"][1], neg["pooled_projections"][0])
 
     steps, seed = 8, 11
     latents = pipe.initial_noise([seed])

@@ -150,3 +150,16 @@ def test_concurrent_tokenize_does_not_error(shared_model):
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_embedding_cache_holds_dicts_of_tensors():
+    """SD3 states are several named tensors per prompt: counted in bytes together, stored as copies."""
+    c = EmbeddingCache(max_bytes=1000)
+    v = {"a": torch.zeros(10), "b": torch.zeros(5, dtype=torch.float64)}
+    assert tensor_bytes(v) == 10 * 4 + 5 * 8
+    c.put("p", v)
+    v["a"] += 1  # the caller's tensors are not the cached ones
+    (got,) = c.lookup(["p"])
+    assert c.nbytes == 80 and torch.equal(got["a"], torch.zeros(10))
+    c.put("q", {"a": torch.zeros(250)})  # 1000 bytes: room only by evicting "p"
+    assert c.lookup(["p"]) == [None] and c.evictions == 1

@@ -20,12 +20,23 @@ Tensor = torch.Tensor
 DEFAULT_CACHE_BYTES = 128 * 2**20
 
 
-def tensor_bytes(t: Tensor) -> int:
+Value = Tensor | dict[str, Tensor]  # one prompt's states (SD3: several named tensors)
+
+
+def tensor_bytes(t: Value) -> int:
+    if isinstance(t, dict):
+        return sum(tensor_bytes(v) for v in t.values())
     return int(t.numel()) * int(t.element_size())
 
 
+def _private_copy(t: Value) -> Value:
+    if isinstance(t, dict):
+        return {k: v.detach().clone() for k, v in t.items()}
+    return t.detach().clone()
+
+
 class EmbeddingCache:
-    """Thread-safe LRU ``key -> tensor`` bounded by ``max_bytes`` (``0`` disables it).
+    """Thread-safe LRU ``key -> tensor`` (or dict of tensors) bounded by ``max_bytes`` (``0`` disables it).
 
     ``hits`` / ``misses`` count lookups; ``evictions`` counts entries dropped for room. A tensor
     larger than the whole budget is not stored. Stored tensors are private copies (callers can
@@ -38,8 +49,8 @@ class EmbeddingCache:
             raise ValueError(f"max_entries must be >= 0 or None, got {max_entries!r}")
         self.max_bytes = max_bytes
         self.max_entries = max_entries
-        self._lru: OrderedDict[Hashable, Tensor] = OrderedDict()
-        self._pinned: dict[Hashable, Tensor] = {}
+        self._lru: OrderedDict[Hashable, Value] = OrderedDict()
+        self._pinned: dict[Hashable, Value] = {}
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -60,9 +71,9 @@ class EmbeddingCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._lru or key in self._pinned
 
-    def lookup(self, keys: list[Hashable]) -> list[Tensor | None]:
-        """The cached tensor for each key (None = miss); counts hits and misses, refreshes LRU order."""
-        out: list[Tensor | None] = []
+    def lookup(self, keys: list[Hashable]) -> list[Value | None]:
+        """The cached value for each key (None = miss); counts hits and misses, refreshes LRU order."""
+        out: list[Value | None] = []
         with self._lock:
             for k in keys:
                 t = self._pinned.get(k)
@@ -77,14 +88,14 @@ class EmbeddingCache:
                 out.append(t)
         return out
 
-    def put(self, key: Hashable, value: Tensor, *, pin: bool = False) -> None:
+    def put(self, key: Hashable, value: Value, *, pin: bool = False) -> None:
         """Store a private copy of ``value``; ``pin=True`` keeps it until :meth:`unpin`/:meth:`clear`."""
         if not self.enabled:
             return
         size = tensor_bytes(value)
         if size > self.max_bytes:
             return
-        value = value.detach().clone()
+        value = _private_copy(value)
         with self._lock:
             old = self._lru.pop(key, None)
             if old is not None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .embcache import EmbeddingCache
 from .loading import load_tokenizer, load_transformers_model, tokenizer_max_length
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ Tensor = torch.Tensor
 
 class SD3TextEncoder:
     """Prompt encoder of an SD3 folder; ``encode(prompts)`` -> ``{"encoder_hidden_states": (B, L, joint),
-    "pooled_projections": (B, P)}`` in float32, with a small LRU cache keyed by prompt.
+    "pooled_projections": (B, P)}`` in float32, with an LRU cache keyed by prompt
+    (:class:`~noisewise.pipeline.embcache.EmbeddingCache`, ``cache_size`` entries).
 
     Args:
         clips: ``[(text_encoder_dir, tokenizer_dir), (text_encoder_2_dir, tokenizer_2_dir)]``.
@@ -59,10 +60,9 @@ class SD3TextEncoder:
         self.cache_size = int(cache_size)
         self._models: list[Any] | None = None
         self._tokenizers: list[Any] = []
-        self._cache: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+        # entries bounded by count, as before; the byte budget is set high enough not to bind
+        self._cache = EmbeddingCache(2**62, max_entries=self.cache_size)
         self._lock = threading.RLock()
-        self.hits = 0
-        self.misses = 0
 
     @classmethod
     def from_folders(cls, parts: dict[str, Path | None], *, joint_attention_dim: int,
@@ -100,8 +100,7 @@ class SD3TextEncoder:
             self.dtype = dtype
         for m in self._models or []:
             m.to(device=self.device, dtype=self.dtype)
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()
         return self
 
     # -- encoding -----------------------------------------------------------------------------
@@ -148,30 +147,19 @@ class SD3TextEncoder:
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [str(p) for p in prompts]
-        with self._lock:
-            missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-            self.hits += sum(1 for p in prompts if p not in missing)
+        found = self._cache.lookup(prompts)
+        missing = list(dict.fromkeys(p for p, r in zip(prompts, found) if r is None))
+        fresh: dict[str, dict[str, Tensor]] = {}
         if missing:
-            fresh = self.encode_uncached(missing)
-            with self._lock:
-                self.misses += len(missing)
-                for i, p in enumerate(missing):
-                    self._cache[p] = {k: v[i] for k, v in fresh.items()}
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        with self._lock:
-            rows = []
-            for p in prompts:
-                if p in self._cache:
-                    self._cache.move_to_end(p)
-                    rows.append(self._cache[p])
-                else:  # evicted at once (cache_size 0 or tiny)
-                    i = missing.index(p)
-                    rows.append({k: v[i] for k, v in fresh.items()})
-        return {k: torch.stack([r[k] for r in rows]).clone() for k in rows[0]}
+            states = self.encode_uncached(missing)
+            for i, p in enumerate(missing):
+                fresh[p] = {k: v[i] for k, v in states.items()}
+                self._cache.put(p, fresh[p])
+        rows = [r if r is not None else fresh[p] for p, r in zip(prompts, found)]
+        return {k: torch.stack([r[k] for r in rows]).clone() for k in rows[0]}  # type: ignore[index]
 
     def __call__(self, prompts: str | Sequence[str]) -> dict[str, Tensor]:
         return self.encode(prompts)
 
-    def cache_info(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "size": len(self._cache), "max_size": self.cache_size}
+    def cache_info(self) -> dict[str, Any]:
+        return self._cache.info()
