@@ -190,6 +190,34 @@ def test_sd3_folder_matches_diffusers(
     assert float((plain - theirs).abs().max()) > 100 * LATENT_ATOL
 
 
+def test_sd3_embedding_cache_is_bounded_in_bytes_and_keeps_the_default_negative(tmp_path: Path) -> None:
+    """SD3 states are large (with T5 about 5 MB a prompt at full size): the cache evicts by bytes, and the
+    pipeline's default negative prompt (here "", the unconditional branch) stays pinned."""
+    from noisewise.pipeline.embcache import tensor_bytes
+    from noisewise.pipeline.sd3 import SD3TextEncoder
+
+    torch.set_num_threads(1)
+    save_sd3(tmp_path / "sd3", with_t5=True)
+    pipe = Pipeline.from_pretrained(tmp_path / "sd3")
+    te = pipe.text_encoder
+    assert te.pinned_prompts == {""}
+    per_prompt = tensor_bytes({k: v[0] for k, v in te.encode_uncached(["x"]).items()})
+    small = SD3TextEncoder(te.clips, te.t5, joint_attention_dim=te.joint_attention_dim,
+                           cache_bytes=int(2.5 * per_prompt))
+    small.pinned_prompts.add("")
+    first = small.encode([""])
+    for p in ("a red circle", "a blue square", "a green cross", "a gray triangle"):
+        small.encode([p])
+    info = small.cache_info()
+    assert info["bytes"] <= int(2.5 * per_prompt) and info["evictions"] == 3 and info["pinned"] == 1
+    assert "" in small._cache and "a red circle" not in small._cache and "a gray triangle" in small._cache
+    assert torch.equal(small.encode([""])["encoder_hidden_states"], first["encoder_hidden_states"])
+    assert small.cache_info()["hits"] == info["hits"] + 1
+    off = SD3TextEncoder(te.clips, te.t5, joint_attention_dim=te.joint_attention_dim, cache_size=0)
+    off.encode(["a red circle"])
+    assert off.cache_info()["size"] == 0
+
+
 def test_any_sampler_runs_on_a_user_checkpoint(tmp_path: Path) -> None:
     """Other noisewise samplers and guidance options run on the loaded schedule (no diffusers twin)."""
     torch.set_num_threads(1)

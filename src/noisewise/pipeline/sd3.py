@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .embcache import EmbeddingCache
+from .embcache import DEFAULT_CACHE_BYTES, EmbeddingCache
 from .loading import load_tokenizer, load_transformers_model, tokenizer_max_length
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,11 @@ Tensor = torch.Tensor
 class SD3TextEncoder:
     """Prompt encoder of an SD3 folder; ``encode(prompts)`` -> ``{"encoder_hidden_states": (B, L, joint),
     "pooled_projections": (B, P)}`` in float32, with an LRU cache keyed by prompt
-    (:class:`~noisewise.pipeline.embcache.EmbeddingCache`, ``cache_size`` entries).
+    (:class:`~noisewise.pipeline.embcache.EmbeddingCache`, at most ``cache_size`` entries and
+    ``cache_bytes`` bytes; ``cache_size=0`` turns it off). With T5 one prompt's states take about
+    5 MB (333 tokens x 4096 floats), so the byte budget is what bounds the memory of a server.
+    Prompts in :attr:`pinned_prompts` (the pipeline adds its default negative prompt) are never
+    evicted.
 
     Args:
         clips: ``[(text_encoder_dir, tokenizer_dir), (text_encoder_2_dir, tokenizer_2_dir)]``.
@@ -45,7 +49,8 @@ class SD3TextEncoder:
     def __init__(
         self, clips: Sequence[tuple[Path, Path]], t5: tuple[Path, Path] | None, *, joint_attention_dim: int,
         max_sequence_length: int = 256, tokenizer_classes: Sequence[str | None] = (None, None, None),
-        cache_size: int = 256, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+        cache_size: int = 256, cache_bytes: int = DEFAULT_CACHE_BYTES, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if len(clips) != 2:
             raise ValueError(f"SD3 needs two CLIP encoders, got {len(clips)}")
@@ -60,8 +65,8 @@ class SD3TextEncoder:
         self.cache_size = int(cache_size)
         self._models: list[Any] | None = None
         self._tokenizers: list[Any] = []
-        # entries bounded by count, as before; the byte budget is set high enough not to bind
-        self._cache = EmbeddingCache(2**62, max_entries=self.cache_size)
+        self._cache = EmbeddingCache(0 if self.cache_size == 0 else int(cache_bytes), max_entries=self.cache_size)
+        self.pinned_prompts: set[str] = set()
         self._lock = threading.RLock()
 
     @classmethod
@@ -148,13 +153,15 @@ class SD3TextEncoder:
             prompts = [prompts]
         prompts = [str(p) for p in prompts]
         found = self._cache.lookup(prompts)
+        for p in self.pinned_prompts.intersection(p for p, r in zip(prompts, found) if r is not None):
+            self._cache.pin(p)  # cached before it was pinned
         missing = list(dict.fromkeys(p for p, r in zip(prompts, found) if r is None))
         fresh: dict[str, dict[str, Tensor]] = {}
         if missing:
             states = self.encode_uncached(missing)
             for i, p in enumerate(missing):
                 fresh[p] = {k: v[i] for k, v in states.items()}
-                self._cache.put(p, fresh[p])
+                self._cache.put(p, fresh[p], pin=p in self.pinned_prompts)
         rows = [r if r is not None else fresh[p] for p, r in zip(prompts, found)]
         return {k: torch.stack([r[k] for r in rows]).clone() for k in rows[0]}  # type: ignore[index]
 
