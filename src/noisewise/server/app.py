@@ -5,19 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from .service import GenerationJob, GenerationService, ServerConfig, ServiceError, png_b64, png_bytes
+from .service import (
+    GenerationJob,
+    GenerationService,
+    InitImage,
+    ServerConfig,
+    ServiceError,
+    decode_init_image,
+    png_b64,
+    png_bytes,
+    public_params,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +38,10 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # model names only: no '/',
 
 
 class GenerateRequest(BaseModel):
-    """One text-to-image request. Unset fields take the model's defaults (or the preset's)."""
+    """One text-to-image or image-to-image request (``image`` + ``strength``). Unset fields take the
+    model's defaults (or the preset's)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, json_schema_extra={"examples": [
         {"prompt": "a large red circle on the left", "sampler": "dpmpp_2m", "steps": 20,
          "guidance_scale": 7.5, "seed": 0}]})
 
@@ -42,6 +56,76 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="classifier-free guidance scale")
     seed: int | None = Field(None, ge=0, le=2**62, description="image i uses seed + i; null = random")
     num_images: int = Field(1, ge=1, le=64, description="images for this prompt (server limit applies)")
+    image: Annotated[InitImage | None, WithJsonSchema({"anyOf": [{"type": "string", "contentEncoding": "base64"},
+                                                                {"type": "null"}]})] = Field(
+        None, description="image-to-image: the init image, a PNG or JPEG file base64-encoded (a "
+                          "'data:image/png;base64,' prefix is allowed), at the model's size (GET /v1/models 'size'; "
+                          "not resized), at most max_image_bytes / max_image_pixels (GET /v1/limits)")
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, description="image-to-image strength in (0, 1]: the last int(steps * strength) steps "
+                                          "run from the noised image; 1 ignores the image. Default 0.8; needs image")
+
+    # operator limits on the init image (create_app binds the server's; these are ServerConfig's defaults)
+    image_limits: ClassVar[tuple[int, int]] = (ServerConfig.max_image_bytes, ServerConfig.max_image_pixels)
+
+    @field_validator("image", mode="plain")
+    @classmethod
+    def _decode_image(cls, v: Any) -> InitImage | None:
+        """base64 text -> the decoded picture (bad base64, not PNG/JPEG, over the limits: 422)."""
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise ValueError("image must be a string: a PNG or JPEG file base64-encoded")
+        max_bytes, max_pixels = cls.image_limits
+        return decode_init_image(v, max_bytes=max_bytes, max_pixels=max_pixels)
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _strength_range(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not 0.0 < float(v) <= 1.0:
+            raise ValueError(f"strength must be above 0 and at most 1 (1 ignores the image, small values keep it; "
+                             f"0 would return the image unchanged), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _strength_needs_image(self) -> GenerateRequest:
+        if self.image is None and self.strength is not None:
+            raise ValueError("strength needs an init image: send the picture base64-encoded in 'image', or "
+                             "leave strength out for text-to-image")
+        return self
+
+    def to_params(self) -> dict[str, Any]:
+        """The request as service parameters: the decoded init image instead of its base64 text."""
+        p = self.model_dump(exclude={"image"})
+        if self.image is not None:
+            p["init_image"] = self.image
+        return p
+
+
+_GenerateRequestBase = GenerateRequest
+
+
+def _shorten(v: Any, limit: int = 200) -> Any:
+    if isinstance(v, str) and len(v) > limit:
+        return f"{v[:limit]}... ({len(v)} characters)"
+    if isinstance(v, dict):
+        return {k: _shorten(x, limit) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_shorten(x, limit) for x in v)
+    return v
+
+
+def _bind_request_model(model: type[BaseModel]) -> Any:
+    """Annotate an endpoint's ``req`` parameter with ``model`` (a class made inside :func:`create_app`:
+    FastAPI resolves string annotations in the module's globals only)."""
+
+    def deco(fn: Any) -> Any:
+        sig = inspect.signature(fn)
+        fn.__signature__ = sig.replace(parameters=[
+            q.replace(annotation=model) if q.name == "req" else q for q in sig.parameters.values()])
+        return fn
+
+    return deco
 
 
 class ImageOut(BaseModel):
@@ -65,6 +149,10 @@ def create_app(config: ServerConfig | None = None, *, service: GenerationService
     svc = service or GenerationService(config)
     cfg = svc.config
 
+    class GenerateRequest(_GenerateRequestBase):  # the same model, bound to this server's image limits
+        __doc__ = _GenerateRequestBase.__doc__
+        image_limits: ClassVar[tuple[int, int]] = (int(cfg.max_image_bytes), int(cfg.max_image_pixels))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         if wait_ready:
@@ -87,7 +175,14 @@ def create_app(config: ServerConfig | None = None, *, service: GenerationService
                   description="Text-to-image with any noisewise sampler; concurrent requests share network "
                               "forwards (continuous batching). See docs/serving.md.")
     app.state.service = svc
-    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=cfg.body_limit,
+                       hint=f"{cfg.max_body_bytes} for the text fields plus a base64 init image of at most "
+                            f"{cfg.max_image_bytes} bytes (GET /v1/limits)")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        # FastAPI's 422, with long inputs (a base64 image of megabytes) cut short instead of echoed whole
+        return JSONResponse({"detail": jsonable_encoder(_shorten(e.errors()))}, status_code=422)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError) -> JSONResponse:
@@ -95,7 +190,7 @@ def create_app(config: ServerConfig | None = None, *, service: GenerationService
         return JSONResponse({"detail": str(e)}, status_code=e.status, headers=headers)
 
     def _prepare(req: Any) -> dict[str, Any]:
-        return svc.validate(req.model_dump())
+        return svc.validate(req.to_params())
 
     async def _wait(job: GenerationJob, request: Request) -> Any:
         loop = asyncio.get_running_loop()
@@ -144,6 +239,7 @@ def create_app(config: ServerConfig | None = None, *, service: GenerationService
     @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"],
               responses={422: {"description": "invalid or over a limit"}, 429: {"description": "queue full"},
                          503: {"description": "shutting down"}, 504: {"description": "timed out"}})
+    @_bind_request_model(GenerateRequest)
     async def generate(req: GenerateRequest, request: Request) -> Any:
         """Generate images; JSON with base64 PNGs and each image's parameters."""
         res, seconds = await _generate(req, request)
@@ -153,6 +249,7 @@ def create_app(config: ServerConfig | None = None, *, service: GenerationService
     @app.post("/v1/generate.png", tags=["generate"], response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "the first image; parameters in the "
                                                                             "PNG 'parameters' text chunk"}})
+    @_bind_request_model(GenerateRequest)
     async def generate_png(req: GenerateRequest, request: Request) -> Response:
         """Generate and return the first image as PNG (parameters in its text chunk and a header)."""
         res, _ = await _generate(req, request)
@@ -162,6 +259,7 @@ def create_app(config: ServerConfig | None = None, *, service: GenerationService
 
     @app.post("/v1/generate/stream", tags=["generate"],
               responses={200: {"content": {"text/event-stream": {}}}})
+    @_bind_request_model(GenerateRequest)
     async def generate_stream(req: GenerateRequest, request: Request,
                               preview_every: int = 1) -> StreamingResponse:
         """Server-sent events: ``queued``, ``started``, ``step`` (with a PNG preview of the current
@@ -180,7 +278,7 @@ def create_app(config: ServerConfig | None = None, *, service: GenerationService
             finished = False
             deadline = loop.time() + cfg.request_timeout_s
             try:
-                yield sse({"event": "queued", "params": params})
+                yield sse({"event": "queued", "params": public_params(params)})
                 assert job.events is not None
                 while True:
                     left = deadline - loop.time()
@@ -243,7 +341,8 @@ def create_app(config: ServerConfig | None = None, *, service: GenerationService
         """This server's per-request limits."""
         return {"max_steps": cfg.max_steps, "max_images": cfg.max_images, "max_prompt_chars": cfg.max_prompt_chars,
                 "request_timeout_s": cfg.request_timeout_s, "max_queue": cfg.max_queue,
-                "max_body_bytes": cfg.max_body_bytes}
+                "max_body_bytes": cfg.body_limit, "max_image_bytes": cfg.max_image_bytes,
+                "max_image_pixels": cfg.max_image_pixels}
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -282,9 +381,10 @@ def _preload_logged(svc: GenerationService) -> None:
 class _BodyLimit:
     """413 for request bodies over ``limit`` bytes (declared or streamed)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, hint: str = "") -> None:
         self.app = app
         self.limit = limit
+        self.hint = hint
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -317,7 +417,8 @@ class _BodyLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Any) -> None:
-        body = json.dumps({"detail": f"request body over {self.limit} bytes"}).encode()
+        why = f" ({self.hint})" if self.hint else ""
+        body = json.dumps({"detail": f"request body over {self.limit} bytes{why}"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

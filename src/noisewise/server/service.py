@@ -57,7 +57,10 @@ class ServerConfig:
         max_batch: most rows in one network forward.
         max_steps / max_images / max_prompt_chars: per-request limits (422 beyond them).
         request_timeout_s: a request still running after this is cancelled (504).
-        max_body_bytes: larger request bodies get 413.
+        max_body_bytes: the JSON body without an init image; a body over ``body_limit`` (this plus
+            the base64 length of ``max_image_bytes``) gets 413.
+        max_image_bytes / max_image_pixels: image-to-image init images (the decoded PNG/JPEG file, and
+            width x height read from its header before decoding); larger ones get 422.
         batching: False serves one request at a time per model (the baseline of the load test).
     """
 
@@ -72,10 +75,18 @@ class ServerConfig:
     max_prompt_chars: int = 300
     request_timeout_s: float = 120.0
     max_body_bytes: int = 16_384
+    max_image_bytes: int = 2 * 1024 * 1024
+    max_image_pixels: int = 2048 * 2048
     shutdown_grace_s: float = 30.0
     batching: bool = True
     device: str = "cpu"
     torch_threads: int | None = None  # intra-op threads (1 is best on a small, shared CPU)
+
+    @property
+    def body_limit(self) -> int:
+        """Largest accepted request body: the text fields plus a base64 init image of ``max_image_bytes``
+        (with room for a ``data:image/...;base64,`` prefix)."""
+        return int(self.max_body_bytes) + 4 * ((int(self.max_image_bytes) + 2) // 3) + 64
 
 
 def _presets() -> dict[str, dict[str, Any]]:
@@ -120,6 +131,109 @@ def png_b64(image: np.ndarray, meta: dict[str, Any] | None = None) -> str:
     return base64.b64encode(png_bytes(image, meta)).decode("ascii")
 
 
+IMAGE_FORMATS = ("PNG", "JPEG")
+_DATA_URL = ("data:image/png;base64,", "data:image/jpeg;base64,", "data:image/jpg;base64,")
+
+
+@dataclass(frozen=True, eq=False)
+class InitImage:
+    """A decoded image-to-image init image: RGB uint8 ``pixels`` (H, W, 3) and what identifies it.
+
+    ``sha256`` is the hash of the uploaded file's bytes (what ``sha256sum in.png`` prints);
+    ``pixels_sha256`` the hash of the decoded RGB pixels (``hashlib.sha256(np.asarray(
+    Image.open(f).convert("RGB")).tobytes())``), which is what the result depends on."""
+
+    pixels: np.ndarray
+    sha256: str
+    pixels_sha256: str
+    format: str
+    nbytes: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+
+    def info(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "pixels_sha256": self.pixels_sha256, "format": self.format.lower(),
+                "size": list(self.size), "bytes": self.nbytes}
+
+
+def decode_init_image(text: str, *, max_bytes: int, max_pixels: int) -> InitImage:
+    """Base64 PNG/JPEG (an optional ``data:image/png;base64,`` prefix is allowed) -> :class:`InitImage`.
+
+    ValueError with what to do instead for bad base64, files that are not PNG/JPEG pictures, files over
+    ``max_bytes`` and pictures over ``max_pixels`` (checked from the header, before decoding)."""
+    import binascii
+    import hashlib
+
+    from PIL import Image, UnidentifiedImageError
+
+    s = text.strip()
+    for prefix in _DATA_URL:
+        if s[:len(prefix)].lower() == prefix:
+            s = s[len(prefix):]
+            break
+    if not s:
+        raise ValueError("image is empty: send a PNG or JPEG file base64-encoded (e.g. base64 -w0 in.png), "
+                         "or leave image out for text-to-image")
+    approx = len(s) // 4 * 3
+    if approx > max_bytes + 3:
+        raise ValueError(f"image is about {approx} bytes, over this server's limit of {max_bytes} bytes "
+                         "(GET /v1/limits); send a smaller PNG/JPEG at the model's size (GET /v1/models)")
+    try:
+        data = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"image is not valid base64 ({e}); send the file's bytes base64-encoded "
+                         "(standard alphabet, e.g. base64 -w0 in.png)") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"image is {len(data)} bytes, over this server's limit of {max_bytes} bytes "
+                         "(GET /v1/limits); send a smaller PNG/JPEG at the model's size (GET /v1/models)")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ValueError("image is not a PNG or JPEG picture (its bytes decode from base64 but no image format "
+                         "recognises them); send a PNG or JPEG file") from None
+    with im:
+        if im.format not in IMAGE_FORMATS:
+            raise ValueError(f"image is a {im.format} picture; send PNG or JPEG (convert it first)")
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"image is {w}x{h} = {w * h} pixels, over this server's limit of {max_pixels} "
+                             "(GET /v1/limits); send it at the model's size (GET /v1/models)")
+        try:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"image could not be decoded as {im.format} ({e}); send an intact PNG or "
+                             "JPEG file") from None
+        fmt = str(im.format)
+    pixels = np.ascontiguousarray(pixels)
+    return InitImage(pixels, hashlib.sha256(data).hexdigest(), hashlib.sha256(pixels.tobytes()).hexdigest(),
+                     fmt, len(data))
+
+
+def supports_img2img(pipe: Any) -> bool:
+    """A pipeline can do image-to-image when it has a VAE encoder and takes ``image=``/``strength=``."""
+    import inspect
+
+    codec = getattr(pipe, "codec", None)
+    if not callable(getattr(codec, "encode", None)):
+        return False
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "image" in params and "strength" in params
+
+
+def public_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A request's parameters as JSON (the init image as its hashes, not its pixels)."""
+    out = dict(params)
+    init = out.pop("init_image", None)
+    if isinstance(init, InitImage):
+        out["init_image"] = init.info()
+    return out
+
+
 class Metrics:
     """Prometheus collectors on a registry of their own (several apps may live in one process)."""
 
@@ -129,6 +243,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("noisewise_requests", "finished requests by outcome", ["model", "status"], registry=r)
         self.rejected = Counter("noisewise_rejected", "requests rejected before running", ["reason"], registry=r)
+        self.by_kind = Counter("noisewise_requests_by_kind", "finished requests by kind (txt2img, img2img) and outcome",
+                               ["model", "kind", "status"], registry=r)
         self.queue_depth = Gauge("noisewise_queue_depth", "requests waiting for a sampling slot", registry=r)
         self.active = Gauge("noisewise_active_requests", "requests sampling now", registry=r)
         self.latency = Histogram(
@@ -283,7 +399,7 @@ class GenerationService:
             if m is not None:
                 p = m.pipe
                 d.update(defaults=dict(p.defaults), size=[p.sample_size, p.sample_size],
-                         prediction_type=getattr(p.schedule, "prediction_type", None))
+                         prediction_type=getattr(p.schedule, "prediction_type", None), img2img=supports_img2img(p))
             out.append(d)
         return out
 
@@ -324,9 +440,52 @@ class GenerationService:
             if v is not None and len(v) > c.max_prompt_chars:
                 raise ServiceError(f"{k} has {len(v)} characters, over this server's limit of "
                                    f"{c.max_prompt_chars}; shorten it", 422)
+        self._validate_image(p)
         if p.get("seed") is None:
             p["seed"] = int(np.random.default_rng().integers(0, 2**31))
         return p
+
+    def _validate_image(self, p: dict[str, Any]) -> None:
+        """Image-to-image fields: ``image`` (base64, decoded here) or ``init_image`` (already decoded by
+        the request model) and ``strength`` in (0, 1] (default 0.8); the model must take images of this size."""
+        from ..pipeline.img2img import DEFAULT_STRENGTH
+
+        c = self.config
+        raw = p.pop("image", None)
+        init = p.get("init_image")
+        if raw is not None and init is None:
+            try:
+                init = decode_init_image(str(raw), max_bytes=c.max_image_bytes, max_pixels=c.max_image_pixels)
+            except ValueError as e:
+                raise ServiceError(str(e), 422) from None
+        strength = p.get("strength")
+        if init is None:
+            p.pop("init_image", None)
+            if strength is not None:
+                raise ServiceError("strength needs an init image: send it base64-encoded in 'image', or leave "
+                                   "strength out for text-to-image", 422)
+            p.pop("strength", None)
+            return
+        if not isinstance(init, InitImage):
+            raise ServiceError("init_image must be a decoded InitImage; send the picture in 'image'", 422)
+        if strength is None:
+            strength = DEFAULT_STRENGTH
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < float(strength) <= 1.0:
+            raise ServiceError(f"strength must be above 0 and at most 1 (1 ignores the image, small values keep "
+                               f"it), got {strength!r}", 422)
+        pipe = self.get(p["model"]).pipe
+        if not supports_img2img(pipe):
+            img_models = [n for n in self.config.models if n in self._models and supports_img2img(self._models[n].pipe)]
+            alt = f"; models that can: {', '.join(img_models)}" if img_models else ""
+            raise ServiceError(f"model {p['model']!r} cannot do image-to-image (it has no image encoder); leave "
+                               f"image and strength out, or pick another model{alt}", 422)
+        size = int(pipe.sample_size)
+        if init.size != (size, size):
+            raise ServiceError(f"the init image is {init.size[0]}x{init.size[1]} pixels; model {p['model']!r} takes "
+                               f"{size}x{size} images (as Pipeline.img2img does, the server does not resize): "
+                               f"resize it first, e.g. PIL Image.resize(({size}, {size}))", 422)
+        p["init_image"] = init
+        p["strength"] = float(strength)
 
     def submit(self, params: dict[str, Any], *, loop: asyncio.AbstractEventLoop, stream: bool = False,
                preview_every: int = 1) -> GenerationJob:
@@ -351,6 +510,14 @@ class GenerationService:
                 loop.call_soon_threadsafe(job.events.put_nowait, ev)
 
         started_box: list[float] = []
+        init: InitImage | None = params.get("init_image")
+        kind = "txt2img" if init is None else "img2img"
+        steps_run = params.get("steps")
+        if init is not None:  # the last int(steps * strength) steps of the grid run (diffusers' rule)
+            from ..core.grid import strength_start
+
+            total = int(params.get("steps") or model.pipe.defaults["steps"])
+            steps_run = total - strength_start(total, params["strength"])
 
         def on_step(info: Any) -> None:
             if job.handle is not None and job.handle.cancelled:
@@ -360,7 +527,7 @@ class GenerationService:
             if job.events is None:
                 return
             i = int(getattr(info, "i", 0))
-            ev: dict[str, Any] = {"event": "step", "step": i + 1, "steps": params.get("steps")}
+            ev: dict[str, Any] = {"event": "step", "step": i + 1, "steps": steps_run}
             x0 = getattr(info, "x0", None)
             if x0 is not None and preview_every > 0 and (i % preview_every == 0):
                 ev["preview"] = png_b64(model.pipe.decode(x0[:1].float())[0])
@@ -383,8 +550,15 @@ class GenerationService:
 
             if nw.get_sampler(sampler).stochastic:  # seeded per image: reproducible and independent of batching
                 extra["generator"] = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
-            return model.pipe(params.get("prompt", ""), num_images=len(seeds), seed=params["seed"],
-                              callback=on_step, model=net, **kw, **extra)
+            if init is not None:
+                extra.update(image=init.pixels, strength=params["strength"])
+            res = model.pipe(params.get("prompt", ""), num_images=len(seeds), seed=params["seed"],
+                             callback=on_step, model=net, **kw, **extra)
+            if init is not None:  # reproducible with the init image at hand: its hashes and the strength
+                for m in res.metadata:
+                    m["strength"] = params["strength"]
+                    m["init_image"] = init.info()
+            return res
 
         def done(handle: Any) -> None:
             with self._state:
@@ -399,6 +573,7 @@ class GenerationService:
                 value, err = None, e
             status = "ok" if err is None else type(err).__name__.lower()
             self.metrics.requests.labels(model.name, status).inc()
+            self.metrics.by_kind.labels(model.name, kind, status).inc()
             if err is None:
                 self.metrics.latency.labels(model.name).observe(time.monotonic() - job.submitted)
                 self.metrics.add_nfe(model.name, int(value.nfe))
