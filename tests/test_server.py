@@ -181,5 +181,5 @@ def test_web_page_is_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     for el in ('id="prompt"', 'id="negative_prompt"', 'id="sampler"', 'id="steps"', 'id="guidance_scale"',
-               'id="seed"', "/v1/generate/stream"):
+               'id="seed"', 'id="init_image"', 'id="strength"', "/v1/generate/stream"):
         assert el in r.text

@@ -23,8 +23,12 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 
 @pytest.fixture(scope="module")
-def url():
-    app = create_app(ServerConfig(models=("shapes-vp",), preload=("shapes-vp",), max_steps=50), wait_ready=True)
+def app():
+    return create_app(ServerConfig(models=("shapes-vp",), preload=("shapes-vp",), max_steps=50), wait_ready=True)
+
+
+@pytest.fixture(scope="module")
+def url(app):
     with _Uvicorn(app) as u:
         yield u
 
@@ -67,3 +71,75 @@ def test_the_page_shows_the_servers_message_for_a_bad_request(page):
     page.click("#generate")
     page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
     assert "error 422" in page.text_content("#error") and "limit of 50" in page.text_content("#error")
+
+
+def _scene_png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from noisewise.shapes.captions import parse_prompt, scene_for_request
+    from noisewise.shapes.world import render
+
+    img = render(scene_for_request(parse_prompt("a large red circle on the left"), np.random.default_rng(3)))
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _set_strength(page, value: float) -> None:
+    page.evaluate("v => { const s = document.getElementById('strength'); s.value = v; "
+                  "s.dispatchEvent(new Event('input')); }", str(value))
+
+
+def test_image_to_image_from_an_uploaded_picture(page, app):
+    import base64
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = _scene_png()
+    page.fill("#prompt", "a green square")
+    page.fill("#negative_prompt", "")
+    page.select_option("#sampler", "dpmpp_2m")
+    page.fill("#steps", "6")
+    page.fill("#guidance_scale", "2")
+    page.fill("#seed", "7")
+    assert page.is_disabled("#strength")  # no image yet: text-to-image
+    page.set_input_files("#init_image", files=[{"name": "scene.png", "mimeType": "image/png", "buffer": data}])
+    page.wait_for_function("!document.getElementById('strength').disabled", timeout=10_000)
+    assert page.get_attribute("#init_preview", "src").startswith("data:image/png;base64,")
+    _set_strength(page, 0.5)
+    assert page.text_content("#strength_value") == "0.5"
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('params').textContent.length > 0", timeout=60_000)
+    assert page.text_content("#error") == ""
+    meta = json.loads(page.text_content("#params"))
+    assert meta["strength"] == 0.5 and meta["init_image"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert meta["steps"] == 6 and meta["seed"] == 7 and meta["prompt"] == "a green square"
+    assert page.get_attribute("#preview", "data-steps") == "3"  # int(6 * 0.5) steps ran, previewed
+    src = page.get_attribute("#result", "src")
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    direct = app.state.service.get("shapes-vp").pipe("a green square", image=img, strength=0.5, sampler="dpmpp_2m",
+                                                      steps=6, guidance_scale=2.0, seed=7)
+    assert np.array_equal(got, direct.images[0])  # alone on the server: bit for bit the Python API's image
+    # text-to-image again once the picture is removed
+    page.click("#clear_image")
+    assert page.is_disabled("#strength") and page.get_attribute("#init_preview", "src") is None
+
+
+def test_a_bad_upload_shows_the_servers_message(page):
+    page.fill("#steps", "4")
+    page.set_input_files("#init_image", files=[{"name": "notes.png", "mimeType": "image/png",
+                                                "buffer": b"these are notes, not a picture"}])
+    page.wait_for_function("!document.getElementById('strength').disabled", timeout=10_000)
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
+    err = page.text_content("#error")
+    assert err.startswith("error 422: image: ") and "not a PNG or JPEG picture" in err
+    assert page.text_content("#status") == "rejected"
+    page.click("#clear_image")

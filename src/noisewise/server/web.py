@@ -15,6 +15,9 @@ INDEX_HTML = r"""<!doctype html>
   img.px { width: 256px; height: 256px; image-rendering: pixelated; border: 1px solid #ccc; background: #eee; }
   pre { background: #f6f6f6; padding: .5rem; font-size: .8rem; white-space: pre-wrap; }
   #error { color: #b00; }
+  img.thumb { width: 32px; height: 32px; image-rendering: pixelated; vertical-align: middle; }
+  img.thumb:not([src]) { display: none; }
+  .hint { color: #666; font-size: .85rem; }
 </style>
 </head>
 <body>
@@ -27,6 +30,13 @@ INDEX_HTML = r"""<!doctype html>
   <label for="steps">Steps</label><input type="number" id="steps" min="1" value="20">
   <label for="guidance_scale">Guidance</label><input type="number" id="guidance_scale" min="0" max="50" step="0.5" value="7.5">
   <label for="seed">Seed</label><input type="number" id="seed" min="0" value="0">
+  <label for="init_image">Init image (optional)</label>
+  <span><input type="file" id="init_image" accept="image/png,image/jpeg">
+    <button type="button" id="clear_image" disabled>Remove</button>
+    <img id="init_preview" class="thumb" alt=""> <span id="init_info" class="hint">image-to-image: a PNG or JPEG at the model's size</span></span>
+  <label for="strength">Strength</label>
+  <span><input type="range" id="strength" min="0.05" max="1" step="0.05" value="0.8" disabled>
+    <output id="strength_value" for="strength">0.8</output> <span class="hint">1 ignores the image; small values keep it</span></span>
   <span></span><span><button type="submit" id="generate">Generate</button>
   <button type="button" id="cancel" disabled>Cancel</button></span>
 </form>
@@ -39,6 +49,31 @@ INDEX_HTML = r"""<!doctype html>
 <script>
 const $ = (id) => document.getElementById(id);
 let controller = null;
+let initImage = null;  // base64 of the chosen file (no data: prefix), or null for text-to-image
+function clearImage() {
+  initImage = null; $('init_image').value = ''; $('init_preview').removeAttribute('src');
+  $('init_info').textContent = "image-to-image: a PNG or JPEG at the model's size";
+  $('strength').disabled = true; $('clear_image').disabled = true;
+}
+function pickImage() {
+  const f = $('init_image').files[0];
+  if (!f) { clearImage(); return; }
+  const reader = new FileReader();
+  reader.onload = () => {
+    const url = String(reader.result);
+    initImage = url.slice(url.indexOf(',') + 1);
+    $('init_preview').src = url;  // shows nothing for a file that is not a picture; the server says why
+    $('init_info').textContent = `${f.name} (${f.size} bytes)`;
+    $('strength').disabled = false; $('clear_image').disabled = false;
+  };
+  reader.onerror = () => { clearImage(); $('error').textContent = 'cannot read the file: ' + reader.error; };
+  reader.readAsDataURL(f);
+}
+function detail(j) {
+  if (typeof j.detail === 'string') return j.detail;
+  if (Array.isArray(j.detail)) return j.detail.map(e => `${(e.loc || []).filter(x => x !== 'body').join('.') || 'request'}: ${e.msg}`).join('; ');
+  return JSON.stringify(j.detail);
+}
 async function fill() {
   const [m, s] = await Promise.all([fetch('/v1/models').then(r => r.json()), fetch('/v1/samplers').then(r => r.json())]);
   for (const x of m.models) $('model').add(new Option(x.name, x.name));
@@ -50,7 +85,8 @@ function request() {
   const neg = $('negative_prompt').value;
   return { prompt: $('prompt').value, negative_prompt: neg === '' ? null : neg, model: $('model').value,
            sampler: $('sampler').value, steps: parseInt($('steps').value), seed: parseInt($('seed').value),
-           guidance_scale: parseFloat($('guidance_scale').value) };
+           guidance_scale: parseFloat($('guidance_scale').value),
+           ...(initImage === null ? {} : { image: initImage, strength: parseFloat($('strength').value) }) };
 }
 function onEvent(ev, steps) {
   if (ev.event === 'queued') { $('status').textContent = 'queued'; }
@@ -78,8 +114,7 @@ async function generate(e) {
                                                    body: JSON.stringify(body), signal: controller.signal });
     if (!r.ok) {
       const j = await r.json().catch(() => ({}));
-      const d = typeof j.detail === 'string' ? j.detail : JSON.stringify(j.detail);
-      $('error').textContent = `error ${r.status}: ${d}`; $('status').textContent = 'rejected'; return;
+      $('error').textContent = `error ${r.status}: ${detail(j)}`; $('status').textContent = 'rejected'; return;
     }
     const reader = r.body.getReader(); const dec = new TextDecoder(); let buf = '';
     for (;;) {
@@ -97,6 +132,9 @@ async function generate(e) {
   } finally { $('generate').disabled = false; $('cancel').disabled = true; controller = null; }
 }
 $('form').addEventListener('submit', generate);
+$('init_image').addEventListener('change', pickImage);
+$('clear_image').addEventListener('click', clearImage);
+$('strength').addEventListener('input', () => { $('strength_value').textContent = $('strength').value; });
 $('cancel').addEventListener('click', () => controller && controller.abort());
 fill().catch(err => { $('error').textContent = 'cannot reach the server: ' + err; });
 </script>
