@@ -23,7 +23,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         models=models, preload=_csv(a.preload) if a.preload is not None else models[:1], max_active=a.max_active,
         max_queue=a.max_queue, max_batch=a.max_batch, max_steps=a.max_steps, max_images=a.max_images,
         request_timeout_s=a.timeout, batching=not a.no_batching, device=a.device, torch_threads=a.torch_threads,
-        shutdown_grace_s=a.shutdown_grace,
+        shutdown_grace_s=a.shutdown_grace, max_image_bytes=a.max_image_bytes, max_image_pixels=a.max_image_pixels,
     )
     serve(a.host, a.port, cfg, log_level=a.log_level)
     return 0
@@ -65,6 +65,11 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--max-steps", type=int, default=100)
     s.add_argument("--max-images", type=int, default=4)
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is cancelled (504)")
+    s.add_argument("--max-image-bytes", type=int, default=2 * 1024 * 1024,
+                   help="image-to-image: largest init image file (PNG/JPEG bytes, default 2 MiB); 422 beyond")
+    s.add_argument("--max-image-pixels", type=int, default=2048 * 2048,
+                   help="image-to-image: most init image pixels, read from the header before decoding "
+                        "(default 2048x2048); 422 beyond")
     s.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="on SIGTERM/SIGINT: stop admitting (503), let running requests finish for this many "
                         "seconds, then cancel the rest with an explicit 503 (default 30)")
