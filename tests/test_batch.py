@@ -95,3 +95,43 @@ def test_ray_engine_matches_the_local_engine(local_run, prompts, tmp_path):
         assert a["metadata"] == b["metadata"] and a["files"] == b["files"]
         for x, y in zip(_images(out_local, a), _images(out, b)):
             assert np.array_equal(x, y)
+
+
+def test_image_to_image_items(tmp_path):
+    import hashlib
+    import re
+
+    from PIL import Image
+
+    from noisewise.pipeline import Pipeline
+    from noisewise.shapes.captions import parse_prompt, scene_for_request
+    from noisewise.shapes.world import render
+
+    img = render(scene_for_request(parse_prompt("a large red circle on the left"), np.random.default_rng(3)))
+    (tmp_path / "pics").mkdir()
+    Image.fromarray(img).save(tmp_path / "pics" / "in.png")
+    p = tmp_path / "img.jsonl"
+    p.write_text(json.dumps({"prompt": "a green square", "image": "pics/in.png", "strength": 0.5, "steps": 6,
+                             "seed": 4, "id": "half"}) + "\n"
+                 + json.dumps({"prompt": "a green square", "image": "pics/in.png", "steps": 5, "seed": 4}) + "\n")
+    items = jobs.read_items(p)
+    assert items[0]["init"] is items[1]["init"]  # one decode per file
+    out = tmp_path / "out"
+    assert jobs.run_batch(items, out, progress=False).done == 2
+    pipe = Pipeline.from_pretrained("shapes-vp")
+    for item_id, strength, steps in (("half", 0.5, 6), ("000001", 0.8, 5)):
+        rec = json.loads((out / f"{item_id}.json").read_text())
+        direct = pipe("a green square", image=img, strength=strength, steps=steps, seed=4)
+        assert np.array_equal(_images(out, rec)[0], direct.images[0]) and rec["nfe"] == direct.nfe
+        meta = rec["metadata"][0]
+        assert meta["strength"] == strength and meta["init_image"]["path"] == "pics/in.png"
+        assert meta["init_image"]["sha256"] == hashlib.sha256((tmp_path / "pics" / "in.png").read_bytes()).hexdigest()
+    # bad image lines are reported with their line number before anything runs
+    (tmp_path / "notes.png").write_text("not a picture")
+    for line, words in [({"prompt": "x", "strength": 0.5}, "strength needs an image"),
+                        ({"prompt": "x", "image": "missing.png"}, "cannot read image 'missing.png'"),
+                        ({"prompt": "x", "image": "notes.png"}, "image 'notes.png' is not a PNG or JPEG picture"),
+                        ({"prompt": "x", "image": "pics/in.png", "strength": 0}, "strength must be above 0")]:
+        p.write_text(json.dumps(line) + "\n")
+        with pytest.raises(ValueError, match=r"img.jsonl:1: " + re.escape(words)):
+            jobs.read_items(p)

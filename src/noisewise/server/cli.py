@@ -81,7 +81,8 @@ def add_cli(sub: Any) -> None:
 
     b = sub.add_parser("batch", help="generate a JSONL file of prompts into a folder (local or Ray)",
                        description="Each line: {\"prompt\": ..., optional negative_prompt, model, sampler, steps, "
-                                   "guidance_scale, seed, num_images, id}. Resumable: finished items are skipped.")
+                                   "guidance_scale, seed, num_images, id, image (a PNG/JPEG path relative to the "
+                                   "file: image-to-image), strength}. Resumable: finished items are skipped.")
     b.add_argument("prompts", help="JSONL file, one item per line")
     b.add_argument("--out", required=True, help="output folder (<id>.png + <id>.json per item)")
     b.add_argument("--engine", choices=["local", "ray"], default="local")

@@ -164,9 +164,6 @@ def decode_init_image(text: str, *, max_bytes: int, max_pixels: int) -> InitImag
     ValueError with what to do instead for bad base64, files that are not PNG/JPEG pictures, files over
     ``max_bytes`` and pictures over ``max_pixels`` (checked from the header, before decoding)."""
     import binascii
-    import hashlib
-
-    from PIL import Image, UnidentifiedImageError
 
     s = text.strip()
     for prefix in _DATA_URL:
@@ -178,32 +175,43 @@ def decode_init_image(text: str, *, max_bytes: int, max_pixels: int) -> InitImag
                          "or leave image out for text-to-image")
     approx = len(s) // 4 * 3
     if approx > max_bytes + 3:
-        raise ValueError(f"image is about {approx} bytes, over this server's limit of {max_bytes} bytes "
-                         "(GET /v1/limits); send a smaller PNG/JPEG at the model's size (GET /v1/models)")
+        raise ValueError(f"image is about {approx} bytes, over the limit of {max_bytes} bytes (GET /v1/limits); "
+                         "send a smaller PNG/JPEG at the model's size (GET /v1/models)")
     try:
         data = base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ValueError(f"image is not valid base64 ({e}); send the file's bytes base64-encoded "
                          "(standard alphabet, e.g. base64 -w0 in.png)") from None
+    return decode_image_bytes(data, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def decode_image_bytes(data: bytes, *, max_bytes: int, max_pixels: int, what: str = "image",
+                       where: str = " (GET /v1/limits)") -> InitImage:
+    """A PNG/JPEG file's bytes -> :class:`InitImage` (ValueError naming ``what`` and the fix otherwise;
+    ``where`` tells where the limits are listed)."""
+    import hashlib
+
+    from PIL import Image, UnidentifiedImageError
+
     if len(data) > max_bytes:
-        raise ValueError(f"image is {len(data)} bytes, over this server's limit of {max_bytes} bytes "
-                         "(GET /v1/limits); send a smaller PNG/JPEG at the model's size (GET /v1/models)")
+        raise ValueError(f"{what} is {len(data)} bytes, over the limit of {max_bytes} bytes{where}; "
+                         "send a smaller PNG/JPEG at the model's size")
     try:
         im = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError):
-        raise ValueError("image is not a PNG or JPEG picture (its bytes decode from base64 but no image format "
-                         "recognises them); send a PNG or JPEG file") from None
+        raise ValueError(f"{what} is not a PNG or JPEG picture (no image format recognises its bytes); "
+                         "send a PNG or JPEG file") from None
     with im:
         if im.format not in IMAGE_FORMATS:
-            raise ValueError(f"image is a {im.format} picture; send PNG or JPEG (convert it first)")
+            raise ValueError(f"{what} is a {im.format} picture; send PNG or JPEG (convert it first)")
         w, h = im.size
         if w * h > max_pixels:
-            raise ValueError(f"image is {w}x{h} = {w * h} pixels, over this server's limit of {max_pixels} "
-                             "(GET /v1/limits); send it at the model's size (GET /v1/models)")
+            raise ValueError(f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}{where}; "
+                             "send it at the model's size")
         try:
             pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError) as e:
-            raise ValueError(f"image could not be decoded as {im.format} ({e}); send an intact PNG or "
+            raise ValueError(f"{what} could not be decoded as {im.format} ({e}); send an intact PNG or "
                              "JPEG file") from None
         fmt = str(im.format)
     pixels = np.ascontiguousarray(pixels)

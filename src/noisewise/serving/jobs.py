@@ -1,8 +1,11 @@
 """Batch jobs: ``noisewise batch prompts.jsonl --out DIR`` on a local engine or a Ray actor pool.
 
 Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "model"?, "sampler"?,
-"steps"?, "guidance_scale"?, "seed"?, "num_images"?, "id"?}``; missing fields take the job's
-defaults, a missing seed is ``base_seed + line index`` (so a job is reproducible as a whole).
+"steps"?, "guidance_scale"?, "seed"?, "num_images"?, "id"?, "image"?, "strength"?}``; missing fields
+take the job's defaults, a missing seed is ``base_seed + line index`` (so a job is reproducible as a
+whole). ``image`` (a PNG/JPEG path, relative to the JSONL file's folder) and ``strength`` make the item
+image-to-image, as over HTTP: the driver reads and checks each picture once when the file is read
+(so Ray workers need no shared file system) and the metadata records the strength and its hashes.
 An item's images go to ``DIR/<id>.png`` (``<id>-<i>.png`` for several) and its parameters to
 ``DIR/<id>.json``, every file written to a temporary name and renamed, the JSON last: an item is
 finished exactly when its JSON exists, and a rerun after a crash skips finished items.
@@ -26,7 +29,10 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
-ITEM_FIELDS = ("id", "prompt", "negative_prompt", "model", "sampler", "steps", "guidance_scale", "seed", "num_images")
+ITEM_FIELDS = ("id", "prompt", "negative_prompt", "model", "sampler", "steps", "guidance_scale", "seed", "num_images",
+               "image", "strength")
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -46,6 +52,7 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
     d = defaults or JobDefaults()
     items: list[dict[str, Any]] = []
     seen: set[str] = set()
+    pictures: dict[Path, Any] = {}  # one decode per file, shared by the items that use it
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -79,8 +86,44 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
             if item["id"] in seen:
                 raise ValueError(f"{path}:{n}: duplicate id {item['id']!r}")
             seen.add(item["id"])
+            _read_init_image(item, raw, Path(path).parent, pictures, f"{path}:{n}")
             items.append(item)
     return items
+
+
+def _read_init_image(item: dict[str, Any], raw: dict[str, Any], base: Path, pictures: dict[Path, Any],
+                     where: str) -> None:
+    """``image`` / ``strength`` of one line -> ``item["image"]`` (the path as written), ``item["init"]``
+    (a decoded :class:`noisewise.server.service.InitImage`) and ``item["strength"]`` (default 0.8)."""
+    from ..pipeline.img2img import DEFAULT_STRENGTH
+    from ..server.service import decode_image_bytes
+
+    image, strength = raw.get("image"), raw.get("strength")
+    if image is None:
+        if strength is not None:
+            raise ValueError(f"{where}: strength needs an image (a PNG/JPEG path); leave strength out for "
+                             "text-to-image")
+        return
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{where}: image must be a PNG/JPEG file path (relative to the JSONL file's folder)")
+    if strength is None:
+        strength = DEFAULT_STRENGTH
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"{where}: strength must be above 0 and at most 1 (1 ignores the image), got {strength!r}")
+    file = (base / image).expanduser()
+    key = file.resolve()
+    if key not in pictures:
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read image {image!r} ({e.strerror or e}); paths are relative to "
+                             f"{base}") from None
+        try:
+            pictures[key] = decode_image_bytes(data, max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_IMAGE_PIXELS,
+                                               what=f"image {image!r}", where="")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    item.update(image=image, init=pictures[key], strength=float(strength))
 
 
 class ItemRunner:
@@ -113,10 +156,16 @@ class ItemRunner:
         extra: dict[str, Any] = {}
         if nw.get_sampler(sampler).stochastic:  # same per-image seeding as the server
             extra["generator"] = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
+        init = item.get("init")
+        if init is not None:
+            extra.update(image=init.pixels, strength=item["strength"])
         res = pipe(item["prompt"], negative_prompt=item["negative_prompt"], num_images=item["num_images"],
                    seed=item["seed"], sampler=sampler, steps=item["steps"], guidance_scale=item["guidance_scale"],
                    **extra)
         meta = [dict(m, id=item["id"]) for m in res.metadata]
+        if init is not None:  # as over HTTP: the strength and the init image's hashes (and its path here)
+            for m in meta:
+                m.update(strength=item["strength"], init_image=dict(init.info(), path=item["image"]))
         return item["id"], res.images, meta, int(res.nfe)
 
 
