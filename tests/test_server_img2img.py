@@ -113,6 +113,16 @@ def test_jpeg_data_url_and_default_strength(client, pipe):
     assert r.json()["nfe"] == direct.nfe == 2 * 4  # int(5 * 0.8) steps, two branches
 
 
+def test_a_strength_too_small_for_one_step_returns_the_vae_reconstruction(client, pipe):
+    img = scene()
+    r = client.post("/v1/generate", json={"prompt": "a green square", "image": b64(encode(img)), "strength": 0.1,
+                                          "steps": 4, "seed": 0})  # int(4 * 0.1) = 0 steps: no network call
+    assert r.status_code == 200, r.text
+    assert r.json()["nfe"] == 0
+    want = pipe.decode(pipe.codec.encode(img[None]))[0]
+    assert np.array_equal(_png(r.json()["images"][0]["png_base64"]), want)
+
+
 def test_img2img_and_text_to_image_share_forwards_without_mixing_rows(client, pipe):
     a, b = scene(), scene("a large green triangle on the right", seed=7)
     reqs = [
