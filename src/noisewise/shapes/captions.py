@@ -146,6 +146,10 @@ _TOKEN = re.compile(r"[a-z]+(?:-[a-z]+)*")
 _SHAPE_LOOKUP = {w: s for s, ws in SHAPE_WORDS.items() for w in ws if " " not in w}
 _SIZE_LOOKUP = {w: s for s, ws in SIZE_WORDS.items() for w in ws}
 _COLOR_LOOKUP = {w: c for c, ws in COLOR_WORDS.items() for w in ws}
+_WORD_VALUE: dict[str, dict[str, str]] = {
+    "shape": _SHAPE_LOOKUP, "color": _COLOR_LOOKUP, "size": _SIZE_LOOKUP, "position": POSITION_WORDS,
+    "background": BACKGROUND_WORDS,
+}
 
 
 def parse_prompt(text: str) -> Request:
@@ -155,6 +159,31 @@ def parse_prompt(text: str) -> Request:
     object noun, position words to the previous one; ``on a white background`` (or ``white
     background``, ``on white``) sets the background; defect words anywhere name defects.
     """
+    words = prompt_words(text)
+    objects = tuple(
+        ObjectSpec(**{k: (_WORD_VALUE[k][w] if w is not None else None) for k, w in o.items()})  # type: ignore[arg-type]
+        for o in words.objects
+    )
+    background = BACKGROUND_WORDS[words.background] if words.background is not None else None
+    return Request(objects, background, tuple(d for d in DEFECTS if d in words.defects))
+
+
+@dataclass(frozen=True)
+class PromptWords:
+    """The words of a prompt that :func:`parse_prompt` read each requested attribute from: per
+    object a dict ``shape/color/size/position -> word`` (``None`` = not named; ``shape`` is also
+    ``None`` for the generic ``shape``/``object``), the background word, the defects named."""
+
+    objects: tuple[dict[str, str | None], ...]
+    background: str | None
+    defects: tuple[str, ...]
+
+
+def prompt_words(text: str) -> PromptWords:
+    """The words behind every attribute :func:`parse_prompt` reads (``plus sign`` reads as ``plus``).
+
+    ``is_synonym(attribute, word)`` tells whether a word is another name than the attribute value's
+    own (``violet``, ``grey``, ``disc``, ``big``, ``middle`` ...)."""
     t = text.lower().replace("plus sign", "plus").replace("plus-sign", "plus")
     tokens = _TOKEN.findall(t)
     background = None
@@ -166,7 +195,7 @@ def parse_prompt(text: str) -> Request:
             before = tokens[i - 1] if i > 0 else ""
             before2 = tokens[i - 2] if i > 1 else ""
             if after == "background" or before in ("on", "against") or before2 in ("on", "against"):
-                background = BACKGROUND_WORDS[tok]
+                background = tok
                 used[i] = True
         elif tok in DEFECT_WORDS:
             if DEFECT_WORDS[tok] not in defects:
@@ -174,7 +203,8 @@ def parse_prompt(text: str) -> Request:
             used[i] = True
     nouns = [i for i, tok in enumerate(tokens) if not used[i] and (tok in _SHAPE_LOOKUP or tok in GENERIC_WORDS)]
     specs: list[dict[str, str | None]] = [
-        {"shape": _SHAPE_LOOKUP.get(tokens[i]), "color": None, "size": None, "position": None} for i in nouns
+        {"shape": tokens[i] if tokens[i] in _SHAPE_LOOKUP else None, "color": None, "size": None, "position": None}
+        for i in nouns
     ]
     if specs:
         for i, tok in enumerate(tokens):
@@ -183,14 +213,21 @@ def parse_prompt(text: str) -> Request:
             if tok in _COLOR_LOOKUP or tok in _SIZE_LOOKUP:
                 following = [k for k, n in enumerate(nouns) if n > i]
                 k = following[0] if following else len(nouns) - 1
-                key = "color" if tok in _COLOR_LOOKUP else "size"
-                specs[k][key] = _COLOR_LOOKUP[tok] if key == "color" else _SIZE_LOOKUP[tok]
+                specs[k]["color" if tok in _COLOR_LOOKUP else "size"] = tok
             elif tok in POSITION_WORDS:
                 preceding = [k for k, n in enumerate(nouns) if n < i]
                 k = preceding[-1] if preceding else 0
-                specs[k]["position"] = POSITION_WORDS[tok]
-    objects = tuple(ObjectSpec(**s) for s in specs)  # type: ignore[arg-type]
-    return Request(objects, background, tuple(d for d in DEFECTS if d in defects))
+                specs[k]["position"] = tok
+    return PromptWords(tuple(specs), background, tuple(d for d in DEFECTS if d in defects))
+
+
+def is_synonym(attribute: str, word: str) -> bool:
+    """Whether ``word`` names the value of ``attribute`` by another name than the value itself
+    (``("color", "violet")`` -> True, ``("color", "purple")`` -> False)."""
+    table = _WORD_VALUE.get(attribute)
+    if table is None or word not in table:
+        raise ValueError(f"{word!r} is not a {attribute} word; known: {sorted(table or _WORD_VALUE)}")
+    return table[word] != word
 
 
 def scene_for_request(request: Request, rng: np.random.Generator, *, defects: Sequence[str] | None = None) -> Scene:

@@ -160,32 +160,35 @@ class Evaluator:
 ATTRIBUTES: tuple[str, ...] = ("background", "shape", "color", "size", "position")
 
 
+def match_objects(request: Request, pred: Prediction) -> list[PredictedObject | None]:
+    """For each of the (first two) requested objects, the predicted object it is scored against:
+    the assignment that satisfies the most requested attributes (the first such in order); ``None``
+    where no predicted object is left for it."""
+    req = list(request.objects[:2])
+    if not req:
+        return []
+    cands: list[PredictedObject | None] = list(pred.objects) + [None] * len(req)
+    best: list[PredictedObject | None] = []
+    best_n = -1
+    for perm in itertools.permutations(range(len(cands)), len(req)):
+        chosen = [cands[j] for j in perm]
+        n = sum(o is not None and getattr(o, a) == getattr(r, a)
+                for r, o in zip(req, chosen) for a in ("shape", "color", "size", "position"))
+        if n > best_n:
+            best, best_n = chosen, n
+    return best
+
+
 def score(request: Request, pred: Prediction) -> dict[str, list[bool]]:
     """For every attribute the request names: was it satisfied? Requested objects are matched to
-    predicted objects by the assignment that satisfies the most attributes (an object with no
-    match fails all its attributes)."""
+    predicted objects by :func:`match_objects` (an object with no match fails all its attributes)."""
     result: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
     if request.background is not None:
         result["background"].append(pred.background == request.background)
-    req = list(request.objects[:2])
-    if not req:
-        return result
-    cands: list[PredictedObject | None] = list(pred.objects) + [None] * len(req)
-    best: list[dict[str, bool]] | None = None
-    best_n = -1
-    for perm in itertools.permutations(range(len(cands)), len(req)):
-        checks = []
-        for r, j in zip(req, perm):
-            o = cands[j]
-            checks.append({a: (o is not None and getattr(o, a) == getattr(r, a))
-                           for a in ("shape", "color", "size", "position") if getattr(r, a) is not None})
-        n = sum(sum(c.values()) for c in checks)
-        if n > best_n:
-            best, best_n = checks, n
-    assert best is not None
-    for c in best:
-        for a, ok in c.items():
-            result[a].append(ok)
+    for r, o in zip(request.objects[:2], match_objects(request, pred)):
+        for a in ("shape", "color", "size", "position"):
+            if getattr(r, a) is not None:
+                result[a].append(o is not None and getattr(o, a) == getattr(r, a))
     return result
 
 
