@@ -4,6 +4,8 @@ precision with the fp16 VAE guard, INT8, torch.compile (slow), presets in the pi
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 
 import numpy as np
@@ -260,6 +262,14 @@ def test_cli_generate_preset_and_image(tmp_path, capsys):
     got = np.asarray(Image.open(tmp_path / "out-0.png").convert("RGB"))
     pipe = shipped("shapes-vp")
     np.testing.assert_array_equal(got, pipe.decode(pipe.codec.encode(scene()[None]))[0])
+    # the PNG records which init image it came from (file and pixel hashes, as the server does)
+    meta = json.loads(Image.open(tmp_path / "out-0.png").text["parameters"])
+    assert meta["strength"] == 0 and meta["init_image"] == {
+        "path": str(src), "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+        "pixels_sha256": hashlib.sha256(np.ascontiguousarray(scene()).tobytes()).hexdigest(),
+        "format": "png", "size": [32, 32], "bytes": src.stat().st_size}
+    rc = main(["generate", "a red circle", "--image", str(tmp_path / "missing.png"), "--out", str(out), "--quiet"])
+    assert rc != 0 and "cannot read --image" in capsys.readouterr().err
     rc = main(["generate", "x", "--strength", "0.5", "--out", str(out), "--quiet"])
     assert rc != 0 and "--image" in capsys.readouterr().err
 

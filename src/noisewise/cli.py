@@ -118,15 +118,26 @@ def cmd_generate(a: argparse.Namespace) -> int:
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     image = None
+    init_info: dict[str, Any] = {}
     if a.image is not None:
+        import hashlib
+        import io
+
         import numpy as np
 
         try:
             from PIL import Image
 
-            image = np.asarray(Image.open(a.image).convert("RGB"))
-        except (OSError, ImportError) as e:
+            data = Path(a.image).read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = str(im.format).lower()
+                image = np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        except (OSError, ImportError, ValueError, SyntaxError) as e:
             raise UserError(f"cannot read --image {a.image!r}: {e}") from None
+        # what identifies the init image, as the server records it: the file's and the pixels' SHA-256
+        init_info = {"init_image": {"path": str(a.image), "sha256": hashlib.sha256(data).hexdigest(),
+                                    "pixels_sha256": hashlib.sha256(image.tobytes()).hexdigest(), "format": fmt,
+                                    "size": [int(image.shape[1]), int(image.shape[0])], "bytes": len(data)}}
     elif a.strength is not None:
         raise UserError("--strength needs --image (image-to-image)")
     try:
@@ -175,15 +186,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    metadata = [dict(m, **init_info) for m in res.metadata]
     view = res.images[0] if len(res) == 1 else _grid(res.images, min(len(res), a.cols))
-    view_meta = dict(res.metadata[0], num_images=len(res), seeds=[m["seed"] for m in res.metadata])
+    view_meta = dict(metadata[0], num_images=len(res), seeds=[m["seed"] for m in metadata])
     view_meta.pop("seed")
     view_meta["seed"] = a.seed
     written = []
     try:
         _save_png(view, out, view_meta, a.scale)
         written.append(str(out))
-        for i, (img, meta) in enumerate(zip(res.images, res.metadata)):
+        for i, (img, meta) in enumerate(zip(res.images, metadata)):
             p = out.with_name(f"{out.stem}-{i}{out.suffix}")
             _save_png(img, p, meta, 1)
             written.append(str(p))

@@ -344,6 +344,7 @@ class Pipeline:
                                                                       if isinstance(v, (int, float, str, bool))},
                 "size": [int(images.shape[1]), int(images.shape[2])], "noisewise": __version__,
                 **({"preset": preset} if preset is not None else {}),
+                **({"strength": sampler_options["strength"]} if "init" in sampler_options else {}),
             }
             for p, s in zip(prompts, seeds)
         ]

@@ -562,9 +562,8 @@ class GenerationService:
                 extra.update(image=init.pixels, strength=params["strength"])
             res = model.pipe(params.get("prompt", ""), num_images=len(seeds), seed=params["seed"],
                              callback=on_step, model=net, **kw, **extra)
-            if init is not None:  # reproducible with the init image at hand: its hashes and the strength
+            if init is not None:  # reproducible with the init image at hand (the pipeline records the strength)
                 for m in res.metadata:
-                    m["strength"] = params["strength"]
                     m["init_image"] = init.info()
             return res
 

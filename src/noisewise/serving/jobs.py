@@ -163,9 +163,9 @@ class ItemRunner:
                    seed=item["seed"], sampler=sampler, steps=item["steps"], guidance_scale=item["guidance_scale"],
                    **extra)
         meta = [dict(m, id=item["id"]) for m in res.metadata]
-        if init is not None:  # as over HTTP: the strength and the init image's hashes (and its path here)
+        if init is not None:  # as over HTTP: the init image's hashes and path (the pipeline records the strength)
             for m in meta:
-                m.update(strength=item["strength"], init_image=dict(init.info(), path=item["image"]))
+                m.update(init_image=dict(init.info(), path=item["image"]))
         return item["id"], res.images, meta, int(res.nfe)
 
 
