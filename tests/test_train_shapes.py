@@ -3,6 +3,8 @@ with a checkpoint in between ends exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ pytest.importorskip("diffusers")
 from noisewise.shapes import build_dataset  # noqa: E402
 from noisewise.shapes import training as T  # noqa: E402
 
+SHIPPED = Path(T.__file__).resolve().parent.parent / "weights"
 TINY_VAE = {**T.VAE_CONFIG, "block_out_channels": [8, 16, 16], "norm_num_groups": 8}
 TINY_UNET = {**T.UNET_CONFIG, "block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
              "attention_head_dim": 2, "cross_attention_dim": 24}
@@ -105,3 +108,79 @@ def test_lr_plan_shrinks_to_fit_a_time_budget():
     done = T.train_loop(lambda step: (time.sleep(0.01), torch.tensor(1.0))[1], plan, progress=False)
     assert done == plan.total < 10_000
     assert plan.lr_factor(0) < plan.lr_factor(plan.warmup) == pytest.approx(1.0, abs=1e-3) or plan.total <= plan.warmup
+
+
+def _tiny_denoiser_data(dim: int = 24):
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(16, 4, 8, 8, generator=g).half(), torch.full((16, 4, 8, 8), 0.01).half()
+    states = torch.randn(5, 6, dim, generator=g).half()
+    index = torch.randint(5, (16, 2), generator=g)
+    return mean, std, states, index
+
+
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_bf16_autocast_on_cpu_trains_close_to_fp32(kind):
+    """--precision bf16 on the CPU: the same seeded run, losses finite and within a few percent of fp32's."""
+    mean, std, states, index = _tiny_denoiser_data()
+    kw = dict(steps=3, batch_size=8, config=TINY_UNET, progress=False, log_every=1)
+    _, p32 = T.train_denoiser(kind, mean, std, 0.5, states, index, precision="fp32", **kw)
+    _, p16 = T.train_denoiser(kind, mean, std, 0.5, states, index, precision="bf16", **kw)
+    l32, l16 = [h["loss"] for h in p32.history], [h["loss"] for h in p16.history]
+    assert all(np.isfinite(l16)) and len(l16) == 3
+    assert l16 != l32  # bf16 really ran (different rounding)
+    np.testing.assert_allclose(l16, l32, rtol=0.05)
+    _, pauto = T.train_denoiser(kind, mean, std, 0.5, states, index, precision="auto", **kw)
+    assert [h["loss"] for h in pauto.history] == l32  # auto is fp32 on the CPU
+
+
+def test_precision_and_init_weights_fail_clearly(tmp_path):
+    mean, std, states, index = _tiny_denoiser_data()
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        T.train_denoiser("vp", mean, std, 0.5, states, index, steps=1, batch_size=2, config=TINY_UNET,
+                         progress=False, precision="fp16")
+    with pytest.raises(FileNotFoundError, match="no denoiser weights"):
+        T.load_unet_weights(tmp_path)
+    shipped = T.load_unet_weights(SHIPPED / "shapes-vp")
+    with pytest.raises(ValueError, match="do not fit this network's config"):
+        T.train_denoiser("vp", mean, std, 0.5, states, index, steps=1, batch_size=2, config=TINY_UNET,
+                         progress=False, init_state=shipped)
+
+
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_init_from_the_shipped_weights(kind, tmp_path):
+    """Fine-tuning starts exactly at the shipped network (diffusers' own loading as the oracle), and
+    two steps from there run with finite losses and move the weights."""
+    from diffusers import UNet2DConditionModel
+
+    folder = SHIPPED / f"shapes-{kind}"
+    oracle = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32)
+    for src in (folder, folder / "unet", folder / "unet" / "diffusion_pytorch_model.safetensors"):
+        init = T.load_unet_weights(src)
+        assert init.keys() == oracle.state_dict().keys()
+    mean, std, states, index = _tiny_denoiser_data(dim=384)
+    kw = dict(steps=2, batch_size=4, progress=False, log_every=1, init_state=init)
+    start, plan0 = T.train_denoiser(kind, mean, std, 0.5, states, index, stop_at=0, **kw)
+    assert plan0.history == []
+    for k, v in oracle.state_dict().items():
+        assert torch.equal(start.state_dict()[k], v), k
+    ck = tmp_path / "ft.ckpt"
+    ema, plan = T.train_denoiser(kind, mean, std, 0.5, states, index, checkpoint_path=ck, **kw)
+    assert [h["step"] for h in plan.history] == [1, 2] and all(np.isfinite(h["loss"]) for h in plan.history)
+    diff = (_params(ema) - _params(oracle)).abs().max()
+    assert 0 < diff < 0.05  # moved, but only by fine-tuning steps
+    # a resume continues from the checkpoint, not from init_state
+    resumed, _ = T.train_denoiser(kind, mean, std, 0.5, states, index, checkpoint_path=ck, resume=True,
+                                  **{**kw, "steps": 2})
+    torch.testing.assert_close(_params(resumed), _params(ema), rtol=0, atol=0)
+
+
+def test_batch_timing_and_choice():
+    times = T.time_denoiser_steps("flow", [2, 4], seconds=0.0, device="cpu", config=TINY_UNET,
+                                  text_shape=(6, 24), warmup=1)
+    assert set(times) == {2, 4} and all(v > 0 for v in times.values())
+    # throughput 512/0.1 = 5120, 1024/0.12 = 8533, 2048/0.235 = 8715 (within 5% of the best) -> 1024
+    assert T.choose_batch({512: 0.1, 1024: 0.12, 2048: 0.235}) == 1024
+    assert T.choose_batch({512: 0.1, 1024: 0.12, 2048: 0.2}) == 2048
+    assert T.choose_batch({512: 0.1, 1024: 0.2}) == 512
+    with pytest.raises(ValueError, match="no timings"):
+        T.choose_batch({})

@@ -9,6 +9,16 @@ One command per model, or ``all`` for everything in order::
     python train/train_shapes.py unet      --run runs/shapes --kind vp   --device cuda --max-seconds 240
     python train/train_shapes.py unet      --run runs/shapes --kind flow --device cuda --max-seconds 240
     python train/train_shapes.py export    --run runs/shapes --dest src/noisewise/weights
+
+Fine-tuning the shipped denoisers (train/device_retrain.sh): render data, encode it with the
+shipped VAE, encode the captions once, time a few batch sizes, continue from the shipped weights::
+
+    python train/train_shapes.py data        --run runs/ft --n 200000 --seed 1
+    python train/train_shapes.py latents     --run runs/ft --vae src/noisewise/weights/shapes-vae
+    python train/train_shapes.py captions    --run runs/ft
+    python train/train_shapes.py batch-times --run runs/ft --batches 512 1024 2048 --seconds 3
+    python train/train_shapes.py unet        --run runs/ft --kind vp --init-from src/noisewise/weights/shapes-vp \
+        --lr 2e-4 --batch-size 1024 --max-seconds 240
     python train/train_shapes.py all       --run runs/shapes            # the above, one after another
 
 Every stage is seeded; ``--steps N`` without ``--max-seconds`` repeats a run exactly (the log and
@@ -76,6 +86,7 @@ def cmd_vae(a: argparse.Namespace) -> None:
     vae, plan = T.train_vae(
         data.images, steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds, device=a.device,
         seed=a.seed, checkpoint_path=run / "vae.ckpt", resume=a.resume, progress=not a.no_progress,
+        precision=a.precision,
     )
     mean, std, scale = T.encode_latents(vae, data.images)
     torch.save({"mean": mean.cpu(), "std": std.cpu(), "scaling_factor": scale}, run / "latents.pt")
@@ -102,7 +113,7 @@ def cmd_evaluator(a: argparse.Namespace) -> None:
     model, plan = T.train_evaluator(
         data.images, data.labels, steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds,
         device=a.device, seed=a.seed, checkpoint_path=run / "evaluator.ckpt", resume=a.resume,
-        progress=not a.no_progress,
+        progress=not a.no_progress, precision=a.precision,
     )
     _save_fp16(model.state_dict(), run / "export" / "evaluator.safetensors")
     clean = ShapesData.load(run / "data" / "heldout-clean")
@@ -119,13 +130,91 @@ def _text_encoder(a: argparse.Namespace) -> Any:
     return TextEncoder(a.text_encoder, max_length=T.TEXT_MAX_LENGTH, device=a.device, cache_size=0)
 
 
+def _captions_key(captions: list[list[str]]) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for caps in captions:
+        h.update("\x1f".join(caps).encode() + b"\x1e")
+    return h.hexdigest()
+
+
+def _caption_states(a: argparse.Namespace, data: ShapesData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text states of every distinct caption: from ``<run>/captions.pt`` when it was written
+    (``captions``) for these very captions, else encoded now."""
+    cache = Path(a.run) / "captions.pt"
+    key = _captions_key(data.captions)
+    if cache.is_file():
+        c = torch.load(cache)
+        if c.get("key") == key:
+            log.info("caption states from %s (%d distinct)", cache, len(c["states"]))
+            return c["states"], c["index"]
+        log.warning("%s was written for other captions; encoding again", cache)
+    t = time.time()
+    states, index = T.encode_captions(_text_encoder(a), data.captions)
+    log.info("encoded %d distinct captions in %.1f s", len(states), time.time() - t)
+    return states, index
+
+
+def cmd_captions(a: argparse.Namespace) -> None:
+    """Encode the captions once for both denoisers (``unet`` reads ``<run>/captions.pt``)."""
+    data = _data(a)
+    t = time.time()
+    states, index = T.encode_captions(_text_encoder(a), data.captions)
+    log.info("encoded %d distinct captions in %.1f s", len(states), time.time() - t)
+    out = Path(a.run) / "captions.pt"
+    tmp = out.with_suffix(".tmp")
+    torch.save({"states": states.cpu(), "index": index, "key": _captions_key(data.captions)}, tmp)
+    os.replace(tmp, out)
+
+
+def cmd_latents(a: argparse.Namespace) -> None:
+    """Encode the rendered data with an existing VAE (e.g. the shipped one, to fine-tune the shipped
+    denoisers in its latent space): ``<run>/latents.pt`` with that VAE's own ``scaling_factor``,
+    and its weights in ``<run>/export/`` so ``export``/``samples`` assemble folders around it."""
+    from diffusers import AutoencoderKL
+
+    run = Path(a.run)
+    folder = Path(a.vae)
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"no VAE at {folder}: give a diffusers AutoencoderKL folder, "
+                         "e.g. src/noisewise/weights/shapes-vae")
+    vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).to(a.device).eval()
+    t = time.time()
+    with torch.no_grad():
+        mean, std, _ = T.encode_latents(vae, _data(a).images)
+    scale = float(vae.config.scaling_factor)
+    torch.save({"mean": mean.cpu(), "std": std.cpu(), "scaling_factor": scale}, run / "latents.pt")
+    (run / "export").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / "diffusion_pytorch_model.safetensors", run / "export" / "vae.safetensors")
+    (run / "export" / "vae.json").write_text(json.dumps({"scaling_factor": scale, "source": str(folder)}) + "\n")
+    if a.evaluator:
+        shutil.copyfile(Path(a.evaluator) / "model.safetensors", run / "export" / "evaluator.safetensors")
+    log.info("encoded %d images with %s in %.1f s (scaling_factor %.4f)", len(mean), folder, time.time() - t, scale)
+
+
+def cmd_batch_times(a: argparse.Namespace) -> None:
+    """Time a denoiser training step at a few batch sizes; print them and the one to train with."""
+    times = T.time_denoiser_steps(a.kind, a.batches, seconds=a.seconds, device=a.device, precision=a.precision)
+    choice = T.choose_batch(times)
+    for bs, sec in times.items():
+        log.info("batch %5d: %.1f ms/step, %.0f samples/s%s", bs, 1e3 * sec, bs / sec,
+                 "  <- chosen" if bs == choice else "")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": a.device, "precision": a.precision, "kind": a.kind,
+                                           "seconds_per_step": {str(k): v for k, v in times.items()},
+                                           "chosen": choice}, indent=1) + "\n")
+    print(choice)
+
+
 def cmd_unet(a: argparse.Namespace) -> None:
     run = Path(a.run)
     data = _data(a)
     lat = torch.load(run / "latents.pt")
-    t = time.time()
-    states, index = T.encode_captions(_text_encoder(a), data.captions)
-    log.info("encoded %d distinct captions in %.1f s", len(states), time.time() - t)
+    states, index = _caption_states(a, data)
+    init = T.load_unet_weights(a.init_from) if a.init_from else None
+    if init is not None:
+        log.info("starting from %s", a.init_from)
     target = run / "export" / f"unet-{a.kind}.safetensors"
 
     def on_ckpt(ema: Any, step: int) -> None:
@@ -135,18 +224,22 @@ def cmd_unet(a: argparse.Namespace) -> None:
         a.kind, lat["mean"], lat["std"], lat["scaling_factor"], states, index, steps=a.steps,
         batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds, device=a.device, seed=a.seed,
         checkpoint_path=run / f"unet-{a.kind}.ckpt", resume=a.resume, progress=not a.no_progress,
-        on_checkpoint=on_ckpt,
+        on_checkpoint=on_ckpt, precision=a.precision, init_state=init, checkpoint_every_s=a.checkpoint_every,
+        warmup=a.warmup,
     )
     _save_fp16(ema.state_dict(), target)
-    _write_json(run / "export" / f"unet-{a.kind}.json", {"steps": plan.total, "history": plan.history})
+    _write_json(run / "export" / f"unet-{a.kind}.json", {
+        "steps": plan.total, "batch_size": a.batch_size, "lr": a.lr, "precision": a.precision,
+        "init_from": a.init_from, "warmup": a.warmup, "history": plan.history,
+    })
 
 
 # chosen with the evaluator (docs/benchmarks/models.md): low guidance follows prompts best at this
 # training budget, and a negative prompt naming grain ("noisy") makes the models smooth their output,
 # which the evaluator reads as blur, so the default negative prompt names blur and watermarks only.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "vp": {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 2.0, "negative_prompt": "blurry, watermark"},
-    "flow": {"sampler": "dpmpp_2m", "steps": 20, "guidance_scale": 2.0, "negative_prompt": "blurry, watermark"},
+    "vp": {"sampler": "dpmpp_2m", "steps": 10, "guidance_scale": 2.0, "negative_prompt": "blurry, watermark"},
+    "flow": {"sampler": "dpmpp_2m", "steps": 10, "guidance_scale": 2.0, "negative_prompt": "blurry, watermark"},
 }
 
 
@@ -228,14 +321,16 @@ def cmd_samples(a: argparse.Namespace) -> None:
     requests = [parse_prompt(p) for p in prompts]
     report: dict[str, Any] = {}
     grids = []
-    for kind in ("vp", "flow"):
-        folder = run / "weights" / f"shapes-{kind}"
+    models = [(kind, run / "weights" / f"shapes-{kind}", True) for kind in ("vp", "flow")]
+    models += [(f"{Path(f).name} (compare)", Path(f), False) for f in a.compare]
+    for kind, folder, grid in models:
         if not folder.is_dir():
             continue
         pipe = Pipeline.from_pretrained(folder, device=a.device)
         pipe.text_encoder = TextEncoder(a.text_encoder, max_length=T.TEXT_MAX_LENGTH, device=a.device)
-        res = pipe([p for p in SAMPLE_PROMPTS for _ in range(6)], seed=0)
-        grids.append(_grid(res.images, 12))
+        if grid:
+            res = pipe([p for p in SAMPLE_PROMPTS for _ in range(6)], seed=0)
+            grids.append(_grid(res.images, 12))
         for w in a.guidance:
             for neg in (None, ""):
                 t = time.time()
@@ -290,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--max-seconds", type=float, default=None, help="time budget (shortens the schedule)")
         s.add_argument("--resume", action="store_true")
         s.add_argument("--no-progress", action="store_true")
+        s.add_argument("--precision", choices=T.PRECISIONS, default="auto",
+                       help="forward-pass autocast: auto = bf16 on CUDA, fp32 on the CPU (default); bf16; fp32")
 
     s = sub.add_parser("data", help="render the training and held-out sets")
     s.add_argument("--run", default="runs/shapes")
@@ -314,7 +411,39 @@ def build_parser() -> argparse.ArgumentParser:
     common(s, 50_000, 512, 5e-4)
     s.add_argument("--kind", choices=["vp", "flow"], required=True)
     s.add_argument("--text-encoder", default=None, help="text encoder folder (default: the bundled MiniLM)")
+    s.add_argument("--init-from", default=None,
+                   help="start from these weights (a .safetensors file, a unet folder or a model folder such as "
+                        "src/noisewise/weights/shapes-vp) instead of a random initialisation: fine-tuning")
+    s.add_argument("--checkpoint-every", type=float, default=60.0,
+                   help="seconds between checkpoints (and exports of the EMA weights to <run>/export)")
+    s.add_argument("--warmup", type=int, default=None,
+                   help="linear learning-rate warm-up steps (default: steps / 10, at most 500)")
     s.set_defaults(func=cmd_unet)
+
+    s = sub.add_parser("latents", help="encode the data with an existing VAE (fine-tuning in the shipped latent space)")
+    s.add_argument("--run", default="runs/shapes")
+    s.add_argument("--vae", default=str(Path(__file__).resolve().parent.parent / "src/noisewise/weights/shapes-vae"))
+    s.add_argument("--evaluator", default=str(Path(__file__).resolve().parent.parent
+                                              / "src/noisewise/weights/shapes-evaluator"),
+                   help="also copy this evaluator's weights into <run>/export ('' for none)")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.set_defaults(func=cmd_latents)
+
+    s = sub.add_parser("captions", help="encode the captions once (unet reads <run>/captions.pt)")
+    s.add_argument("--run", default="runs/shapes")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--text-encoder", default=None)
+    s.set_defaults(func=cmd_captions)
+
+    s = sub.add_parser("batch-times", help="time a denoiser step at a few batch sizes; prints the one to use")
+    s.add_argument("--run", default="runs/shapes", help=argparse.SUPPRESS)
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--kind", choices=["vp", "flow"], default="vp")
+    s.add_argument("--batches", type=int, nargs="+", default=[512, 1024, 2048])
+    s.add_argument("--seconds", type=float, default=3.0, help="timing per batch size (after 3 warm-up steps)")
+    s.add_argument("--precision", choices=T.PRECISIONS, default="auto")
+    s.add_argument("--out", default=None, help="also write the timings here (JSON)")
+    s.set_defaults(func=cmd_batch_times)
 
     s = sub.add_parser("export", help="assemble the shipped diffusers-style folders")
     s.add_argument("--run", default="runs/shapes")
@@ -328,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-encoder", default=None)
     s.add_argument("--n-prompts", type=int, default=256)
     s.add_argument("--guidance", type=float, nargs="+", default=[3.0, 7.5])
+    s.add_argument("--compare", nargs="*", default=[],
+                   help="also probe these model folders (e.g. src/noisewise/weights/shapes-vp) the same way")
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=cmd_samples)
 

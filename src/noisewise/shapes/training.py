@@ -158,9 +158,23 @@ def _optimizer(params: Any, lr: float, plan: Plan, weight_decay: float = 0.0) ->
     return opt, sched
 
 
-def _autocast(device: torch.device) -> Any:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (auto: bf16 autocast on CUDA, "
+                         f"fp32 on the CPU), got {precision!r}")
+    return precision
+
+
+def _autocast(device: torch.device, precision: str = "auto") -> Any:
+    """The forward pass's autocast: ``auto`` is bf16 on CUDA and fp32 elsewhere; ``bf16`` / ``fp32``
+    force it on any device (parameters, optimizer state and the loss stay fp32)."""
+    _check_precision(precision)
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     return torch.autocast("cpu", enabled=False)
 
 
@@ -253,10 +267,12 @@ def train_vae(
     progress: bool = True,
     log_every: int = 100,
     stop_at: int | None = None,
+    precision: str = "auto",
 ) -> tuple[Any, Plan]:
     """Train ``AutoencoderKL`` on uint8 images ``(N, 32, 32, 3)``; returns (vae, plan with history)."""
     from diffusers import AutoencoderKL
 
+    _check_precision(precision)
     seed_everything(seed)
     dev = torch.device(device)
     vae = AutoencoderKL(**(config or VAE_CONFIG)).to(dev).train()
@@ -270,7 +286,7 @@ def train_vae(
     def step_fn(step: int) -> Tensor:
         idx = torch.randint(len(data), (batch_size,), device=dev, generator=gen)
         x = _to_unit(data[idx])
-        with _autocast(dev):
+        with _autocast(dev, precision):
             loss = vae_loss(vae, x, gen, kl_weight, hf_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -359,6 +375,36 @@ def encode_captions(text_encoder: Any, captions: list[list[str]], batch_size: in
     return torch.cat(states), torch.from_numpy(index)
 
 
+def load_unet_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """A denoiser's weights (float32) from a ``.safetensors`` file, a diffusers ``unet`` folder or a
+    model folder holding ``unet/`` (e.g. ``src/noisewise/weights/shapes-vp``), for ``init_state``."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    candidates = [p] if p.is_file() else [p / "diffusion_pytorch_model.safetensors",
+                                          p / "unet" / "diffusion_pytorch_model.safetensors"]
+    for c in candidates:
+        if c.is_file() and c.suffix == ".safetensors":
+            return {k: v.float() for k, v in load_file(str(c)).items()}
+    raise FileNotFoundError(
+        f"no denoiser weights at {p}: give a .safetensors file, a diffusers unet folder (with "
+        f"diffusion_pytorch_model.safetensors) or a model folder with unet/ (e.g. src/noisewise/weights/shapes-vp)"
+    )
+
+
+def _load_exact(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or extra or bad:
+        raise ValueError(
+            f"the initial weights do not fit this network's config ({len(missing)} missing, e.g. {missing[:2]}; "
+            f"{len(extra)} unexpected, e.g. {extra[:2]}; {len(bad)} of another shape, e.g. {sorted(bad)[:2]}): "
+            "give weights trained with the same UNet config (training.UNET_CONFIG for the shapes models)"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
 def train_denoiser(
     kind: Kind,
     latent_mean: Tensor,
@@ -381,19 +427,31 @@ def train_denoiser(
     log_every: int = 100,
     on_checkpoint: Callable[[Any, int], None] | None = None,
     stop_at: int | None = None,
+    precision: str = "auto",
+    init_state: dict[str, Tensor] | None = None,
+    checkpoint_every_s: float = 60.0,
+    warmup: int | None = None,
 ) -> tuple[Any, Plan]:
     """Train a ``UNet2DConditionModel`` on scaled VAE latents with text cross-attention; returns
-    (EMA model, plan with history). Latents are sampled from the VAE posterior each step."""
+    (EMA model, plan with history). Latents are sampled from the VAE posterior each step.
+
+    ``init_state``: start the network (and its EMA) from these weights (:func:`load_unet_weights`,
+    e.g. the shipped model's) instead of a random initialisation: fine-tuning. A ``resume`` from a
+    checkpoint takes precedence (the checkpoint holds the fine-tuned weights)."""
     from diffusers import UNet2DConditionModel
 
+    _check_precision(precision)
     seed_everything(seed)
     dev = torch.device(device)
-    unet = UNet2DConditionModel(**(config or UNET_CONFIG)).to(dev).train()
+    unet = UNet2DConditionModel(**(config or UNET_CONFIG))
+    if init_state is not None:
+        _load_exact(unet, init_state)
+    unet = unet.to(dev).train()
     ema = copy.deepcopy(unet).float().eval().requires_grad_(False)
     mean, std = latent_mean.to(dev), latent_std.to(dev)
     states, cidx = text_states.to(dev), caption_index.to(dev)
     acp = vp_alphas_cumprod().to(dev) if kind == "vp" else None
-    plan = Plan(steps, max_seconds, warmup=min(500, max(1, steps // 10)))
+    plan = Plan(steps, max_seconds, warmup=min(500, max(1, steps // 10)) if warmup is None else max(1, warmup))
     opt, sched = _optimizer(unet.parameters(), lr, plan, weight_decay=0.01)
     gen = torch.Generator(dev).manual_seed(seed + (0 if kind == "vp" else 1))
     ckpt = Path(checkpoint_path) if checkpoint_path else None
@@ -405,7 +463,7 @@ def train_denoiser(
         z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, device=dev, generator=gen))
         z0 = z0 * scaling_factor
         cond = states[cidx[idx, k]].float()
-        with _autocast(dev):
+        with _autocast(dev, precision):
             loss = denoiser_loss(kind, unet, z0, cond, gen, acp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -421,9 +479,71 @@ def train_denoiser(
             on_checkpoint(ema, step)
 
     done = train_loop(step_fn, plan, start_step=start, desc=f"unet-{kind}", log_every=log_every,
-                      checkpoint=save, progress=progress, stop_at=stop_at)
+                      checkpoint=save, checkpoint_every_s=checkpoint_every_s, progress=progress, stop_at=stop_at)
     save(done)
     return ema, plan
+
+
+def time_denoiser_steps(
+    kind: Kind, batch_sizes: list[int], *, seconds: float = 3.0, device: str = "cpu", precision: str = "auto",
+    config: dict[str, Any] | None = None, text_shape: tuple[int, int] = (TEXT_MAX_LENGTH, 384), warmup: int = 3,
+) -> dict[int, float]:
+    """Seconds per training step (forward, backward, clipping, AdamW, EMA: what ``train_denoiser``
+    does per step, on random latents and text states) at each batch size, each timed for about
+    ``seconds`` after ``warmup`` steps."""
+    _check_precision(precision)
+    return {bs: _time_steps(kind, bs, seconds, torch.device(device), precision, config or UNET_CONFIG, text_shape,
+                            warmup) for bs in batch_sizes}
+
+
+def _time_steps(kind: Kind, bs: int, seconds: float, dev: torch.device, precision: str, cfg: dict[str, Any],
+                text_shape: tuple[int, int], warmup: int) -> float:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    acp = vp_alphas_cumprod().to(dev) if kind == "vp" else None
+    unet = UNet2DConditionModel(**cfg).to(dev).train()
+    ema = copy.deepcopy(unet).float().eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    gen = torch.Generator(dev).manual_seed(0)
+    z0 = torch.randn((bs, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"]), device=dev, generator=gen)
+    cond = torch.randn((bs, *text_shape), device=dev, generator=gen)
+
+    def step(i: int) -> None:
+        with _autocast(dev, precision):
+            loss = denoiser_loss(kind, unet, z0, cond, gen, acp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        _ema_update(ema, unet, i, 0.999)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for i in range(warmup):
+        step(i)
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        step(warmup + n)
+        n += 1
+        if n % 5 == 0 or dev.type != "cuda":
+            sync()
+            if time.perf_counter() - t0 >= seconds:
+                return (time.perf_counter() - t0) / n
+
+
+def choose_batch(step_seconds: dict[int, float], tolerance: float = 0.05) -> int:
+    """The batch size to train with, from :func:`time_denoiser_steps`'s timings: the highest
+    throughput (samples per second); among batch sizes within ``tolerance`` of it, the smallest
+    (more optimiser steps for the same data)."""
+    if not step_seconds:
+        raise ValueError("no timings: time at least one batch size")
+    rate = {bs: bs / s for bs, s in step_seconds.items()}
+    best = max(rate.values())
+    return min(bs for bs, r in rate.items() if r >= (1 - tolerance) * best)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,9 +567,11 @@ def train_evaluator(
     progress: bool = True,
     log_every: int = 100,
     stop_at: int | None = None,
+    precision: str = "auto",
 ) -> tuple[ShapesClassifier, Plan]:
     """Train the attribute classifier on renders (with a faint extra noise so it reads decoded
     images as well); returns (model in eval mode, plan)."""
+    _check_precision(precision)
     seed_everything(seed)
     dev = torch.device(device)
     cfg = config or EVALUATOR_CONFIG
@@ -467,7 +589,7 @@ def train_evaluator(
         x = data[idx].permute(0, 3, 1, 2).float() / 255.0
         amp = 0.02 * torch.rand((batch_size, 1, 1, 1), device=dev, generator=gen)
         x = x + amp * torch.randn(x.shape, device=dev, generator=gen)
-        with _autocast(dev):
+        with _autocast(dev, precision):
             out = model(x)
         loss = classifier_loss({k: v.float() for k, v in out.items()}, {k: v[idx] for k, v in lab.items()})
         opt.zero_grad(set_to_none=True)
