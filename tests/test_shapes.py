@@ -186,3 +186,17 @@ def test_bad_constraints_teach():
 def test_background_colours_are_distinct():
     assert len({BACKGROUND_RGB[b] for b in BACKGROUNDS}) == 3
     assert len({COLOR_RGB[c] for c in COLORS}) == 6
+
+
+def test_share_of_two_object_scenes():
+    """``p_two_objects`` moves the share of two-object scenes; the default repeats the prior's draws exactly."""
+    n_objects = lambda d: (d.labels["shape"] >= 0).sum(axis=1)  # noqa: E731
+    base = build_dataset(300, seed=4, n_captions=1)
+    same = build_dataset(300, seed=4, n_captions=1, p_two_objects=0.35)
+    assert np.array_equal(base.images, same.images) and base.captions == same.captions
+    assert set(n_objects(build_dataset(60, seed=4, n_captions=1, p_two_objects=1.0))) == {2}
+    assert set(n_objects(build_dataset(60, seed=4, n_captions=1, p_two_objects=0.0))) == {1}
+    share = float((n_objects(build_dataset(300, seed=4, n_captions=1, p_two_objects=0.6)) == 2).mean())
+    assert 0.5 < share < 0.7 and float((n_objects(base) == 2).mean()) < 0.45
+    with pytest.raises(ValueError, match="probability in"):
+        sample_scene(np.random.default_rng(0), p_two_objects=1.5)

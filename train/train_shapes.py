@@ -69,7 +69,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def cmd_data(a: argparse.Namespace) -> None:
     t = time.time()
     out = Path(a.out or Path(a.run) / "data")
-    build_dataset(a.n, a.seed, n_captions=a.captions, workers=a.workers).save(out)
+    build_dataset(a.n, a.seed, n_captions=a.captions, workers=a.workers, p_two_objects=a.two_objects).save(out)
     clean = build_dataset(a.heldout, HELDOUT_SEED + a.seed, n_captions=1, workers=a.workers, clean=True)
     clean.save(out / "heldout-clean")
     build_dataset(a.heldout, HELDOUT_SEED + a.seed + 1, n_captions=1, workers=a.workers).save(out / "heldout")
@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=200_000)
     s.add_argument("--heldout", type=int, default=10_000)
     s.add_argument("--captions", type=int, default=2)
+    s.add_argument("--two-objects", type=float, default=None,
+                   help="share of two-object scenes in the training set (default 0.35, the world's prior; "
+                        "the held-out sets keep the prior)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     s.add_argument("--device", default="cpu", help=argparse.SUPPRESS)

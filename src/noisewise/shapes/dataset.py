@@ -59,14 +59,16 @@ class ShapesData:
         return cls(images, lab, meta["captions"], int(meta["seed"]))
 
 
-def _render_chunk(args: tuple[int, int, int, int, bool]) -> tuple[np.ndarray, dict[str, np.ndarray], list[list[str]]]:
-    seed, start, stop, n_captions, clean = args
+def _render_chunk(
+    args: tuple[int, int, int, int, bool, float | None],
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[list[str]]]:
+    seed, start, stop, n_captions, clean, p_two = args
     imgs = np.empty((stop - start, 32, 32, 3), dtype=np.uint8)
     labs: dict[str, list[np.ndarray]] = {k: [] for k in LABEL_KEYS}
     caps = []
     for j, i in enumerate(range(start, stop)):
         rng = np.random.default_rng([seed, i])
-        scene = sample_scene(rng, defects=[] if clean else None)
+        scene = sample_scene(rng, defects=[] if clean else None, p_two_objects=p_two)
         imgs[j] = render(scene)
         for k, v in labels(scene).items():
             labs[k].append(v)
@@ -75,15 +77,17 @@ def _render_chunk(args: tuple[int, int, int, int, bool]) -> tuple[np.ndarray, di
 
 
 def build_dataset(
-    n: int, seed: int = 0, *, n_captions: int = 2, workers: int = 1, clean: bool = False, chunk: int = 2000
+    n: int, seed: int = 0, *, n_captions: int = 2, workers: int = 1, clean: bool = False, chunk: int = 2000,
+    p_two_objects: float | None = None,
 ) -> ShapesData:
     """Render ``n`` scenes (index ``0 .. n-1`` of seed ``seed``) with labels and captions.
 
-    ``clean=True`` draws no defects (for held-out accuracy on clean renders).
+    ``clean=True`` draws no defects (for held-out accuracy on clean renders). ``p_two_objects``:
+    the share of two-object scenes (default ``world.P_TWO_OBJECTS``, 0.35).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    jobs = [(seed, s, min(n, s + chunk), n_captions, clean) for s in range(0, n, chunk)]
+    jobs = [(seed, s, min(n, s + chunk), n_captions, clean, p_two_objects) for s in range(0, n, chunk)]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as ex:
             parts = list(ex.map(_render_chunk, jobs))

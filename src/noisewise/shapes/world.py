@@ -134,6 +134,7 @@ def sample_scene(
     background: str | None = None,
     defects: Sequence[str] | None = None,
     max_tries: int = 200,
+    p_two_objects: float | None = None,
 ) -> Scene:
     """Draw a scene from the prior, optionally constrained.
 
@@ -143,12 +144,17 @@ def sample_scene(
             given); ``None`` draws one or two free objects.
         background: a fixed background, or ``None`` to draw one.
         defects: exactly these defects (``[]`` for a clean image), or ``None`` to draw them.
+        p_two_objects: with ``objects=None``, the probability of two objects (default
+            ``P_TWO_OBJECTS``); the same random draw decides it whatever the value.
     """
     _check_choice("background", background, BACKGROUNDS)
     if background is None:
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     if objects is None:
-        objects = [ObjectSpec()] * (2 if rng.random() < P_TWO_OBJECTS else 1)
+        p2 = P_TWO_OBJECTS if p_two_objects is None else p_two_objects
+        if not 0.0 <= p2 <= 1.0:
+            raise ValueError(f"p_two_objects is a probability in [0, 1], got {p2}")
+        objects = [ObjectSpec()] * (2 if rng.random() < p2 else 1)
     if not 1 <= len(objects) <= 2:
         raise ValueError(f"a scene holds one or two objects, got {len(objects)}")
     for spec in objects:
