@@ -20,6 +20,8 @@ import torch
 import noisewise as nw
 from noisewise.gmm import GaussianMixture
 from noisewise.guidance.exact import guided_ode_solution
+from noisewise.solvers.base import ddim_step
+from noisewise.solvers.stiffness import CORRECTION_BOUND, StiffnessGuard
 
 F64 = torch.float64
 GMM = GaussianMixture.default()
@@ -87,6 +89,43 @@ def test_guided_multistep_full_grid(spacing: str) -> None:
     median error is 0.02); without the guard ratios reach 30 (dpmpp_3m) to 500 (unguarded deis/ipndm)."""
     for w, steps in itertools.product(range(1, 16), range(4, 21)):
         _check(float(w), steps, spacing, tol=1.6)
+
+
+def test_the_guard_drops_a_correction_far_above_the_noise_level() -> None:
+    """Hand-built: D barely moves (L ~ 1e-3, the stability test passes), so only the size test can
+    reject. Per sample, a high-order result more than CORRECTION_BOUND * sigma' (rms) away from the
+    DDIM result of the same step is replaced by the DDIM result; one within it is kept."""
+    grid = nw.make_grid(SCHED, 6, "karras")
+    lv0, lv1, lv2 = grid[1], grid[2], grid[3]
+    x = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
+    d = 0.5 * torch.ones_like(x)
+    g = StiffnessGuard(0.5)
+    g.observe(x, d, lv0)
+    x1 = ddim_step(x, d, lv0, lv1)
+    g.observe(x1, d + 1e-3 * (x1 / lv1.alpha - x / lv0.alpha), lv1)
+    low = ddim_step(x1, d, lv1, lv2)
+    assert g.accept(lv2.lam - lv1.lam, 2).all()  # stable: the stability test alone keeps every sample
+    unit = torch.ones_like(x)  # rms 1 per sample
+    scale = torch.tensor([0.5, 0.99, 1.01, 4.0], dtype=F64).reshape(-1, 1, 1) * CORRECTION_BOUND * lv2.sigma
+    high = low + scale * unit
+    out = g.choose_ddim(2, high, x1, d, lv1, lv2)
+    torch.testing.assert_close(out[:2], high[:2], rtol=0, atol=0)
+    torch.testing.assert_close(out[2:], low[2:], rtol=0, atol=0)
+    # the same test on choose() with a noise level (a UniC correction of the state at lv1)
+    out = g.choose(lv1.lam - lv0.lam, 2, x1 + scale / lv2.sigma * lv1.sigma * unit, x1, sigma=lv1.sigma)
+    torch.testing.assert_close(out[:2], (x1 + scale / lv2.sigma * lv1.sigma * unit)[:2], rtol=0, atol=0)
+    torch.testing.assert_close(out[2:], x1[2:], rtol=0, atol=0)
+    # without a noise level choose() keeps the stability test alone
+    assert torch.equal(g.choose(lv1.lam - lv0.lam, 2, x1 + 10 * unit, x1), x1 + 10 * unit)
+
+
+def test_the_correction_bound_keeps_unipc_bh1_at_four_steps_below_ddim() -> None:
+    """UniPC with B(h) = h over the long steps of a 4-step karras run: the extrapolation passes the
+    stability test but its correction is tens of times the noise level; without the size test the
+    guarded bh1 ends 1.12x DDIM's error even at w = 1 (0.75x with it)."""
+    e_ddim, errs = errors(1.0, 4, "karras", [("unipc", {"order": 2, "variant": "bh1"}),
+                                             ("unipc", {"order": 3, "variant": "bh1"})])
+    assert max(errs) <= 0.85 * e_ddim, (errs, e_ddim)
 
 
 def test_the_classic_multistep_samplers_are_guarded() -> None:

@@ -145,7 +145,7 @@ def dpmpp_2m_sde(
             if x0_prev is not None and _history_ok(h, h_prev, max_step_ratio):
                 r = h_prev / h
                 w = 0.5 * g if solver_type == "midpoint" else 1.0 - g / ((1.0 + eta) * h)
-                x_next = guard.choose(h, 2, x_next + (nxt.alpha * w / r) * (x0 - x0_prev), x_next)
+                x_next = guard.choose(h, 2, x_next + (nxt.alpha * w / r) * (x0 - x0_prev), x_next, sigma=nxt.sigma)
             std = _sde_noise_std(nxt, eta, h)
             if std > 0.0:
                 x_next = x_next + (s_noise * std) * noise(x, cur, nxt)
@@ -221,9 +221,10 @@ def dpmpp_3m_sde(
                     d2 = (d1_0 - d1_1) / (r0 + r1)
                     phi_3 = phi_2 / h_eta - 0.5
                     x_high = x_next + (nxt.alpha * phi_2) * d1 - (c2 * nxt.alpha * phi_3) * d2
-                    x_next = guard.choose(h, 3, x_high, x_next)
+                    x_next = guard.choose(h, 3, x_high, x_next, sigma=nxt.sigma)
                 else:
-                    x_next = guard.choose(h, 2, x_next + (nxt.alpha * phi_2 * h / h_1) * (x0 - x0_1), x_next)
+                    x_next = guard.choose(h, 2, x_next + (nxt.alpha * phi_2 * h / h_1) * (x0 - x0_1), x_next,
+                                          sigma=nxt.sigma)
             std = _sde_noise_std(nxt, eta, h)
             if std > 0.0:
                 x_next = x_next + (s_noise * std) * noise(x, cur, nxt)

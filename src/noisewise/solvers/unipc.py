@@ -82,8 +82,9 @@ def unipc(
         # (a step out of alpha = 0 is kept as predicted: its first-order step is the exact limit)
         if last_x is not None and (i - 1) not in disable_corrector and math.isfinite(lvs[-1].lam):
             x_corr = _corrector(last_x, x0, ms, lvs, cur, this_order, variant)
-            # under guidance: no correction for samples whose ODE was stiff over that step (stiffness.py)
-            x = guard.choose(cur.lam - lvs[-1].lam, this_order + 1, x_corr, x)
+            # under guidance: no correction for samples whose ODE was stiff over that step, or whose
+            # correction exceeds the noise level by far (stiffness.py)
+            x = guard.choose(cur.lam - lvs[-1].lam, this_order + 1, x_corr, x, sigma=cur.sigma)
         ms, lvs = (ms + [x0])[-order:], (lvs + [cur])[-order:]
         k = min(order, steps - i) if lower_order_final else order
         this_order = min(k, len(ms))
