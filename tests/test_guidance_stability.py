@@ -1,12 +1,16 @@
 """Stability of guided sampling: against the exact solution of the *guided* probability-flow ODE
-of the class-conditional Gaussian mixture, no multistep sampler may do worse than guided DDIM.
+of the class-conditional Gaussian mixture, the guarded multistep samplers against guided DDIM.
 
 Without the stiffness guard (``stiff_guard=None``), DPM-Solver++(3M) and UniPC-3 end up several
 times DDIM's error at large scales (the same failure diffusers' schedulers show); with it
-(the default under guidance, ``noisewise.solvers.stiffness``) they stay at or below DDIM. In the
-regime where every solver is far off (w = 15 on 4-6 steps, DDIM's own error 2-3 data scales) the
-error counts a handful of samples switching modes, so the bound carries a small tolerance; the
-measured worst ratios are in ``docs/benchmarks/guidance.md``.
+(the default under guidance, ``noisewise.solvers.stiffness``) they stay close to or below DDIM.
+They are not strictly never worse: at large w the error counts a handful of samples that end in
+another mode (errors of 1-4 data scales each, so one sample moves the mean of 256 by ~1%), and
+which samples those are changes with the noise draw; in the regime where every solver fails (w >= 10 on
+4-7 steps, DDIM's own error 1.3-3 data scales) the guarded samplers are a few percent worse
+systematically. So each check bounds both the ratio to DDIM and the paired excess in standard
+errors (mean(e - e_ddim) / (std(e - e_ddim) / sqrt(B))); the measured worst values are in
+``docs/benchmarks/guidance.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ SCHED = nw.DiscreteVP(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
 B = 256
 Z = torch.randn(B, GMM.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
 CLS = torch.arange(B) % 2
-TOL = 1.25  # see the module docstring
+TOL = 1.1  # ratio to DDIM on the default subset (measured worst 1.086: w = 7.5, NFE 8, UniPC-bh1); see the docstring
+Z_TOL = 3.0  # paired excess over DDIM in standard errors (measured worst 2.86: w = 15, NFE 4, deis)
 
 # every multistep sampler with the guard (samplers that take ``stiff_guard`` join automatically)
 MULTISTEP: list[tuple[str, dict]] = [
@@ -51,21 +56,30 @@ def cond_denoiser(x: torch.Tensor, level: nw.Level, cls: torch.Tensor) -> torch.
     return GMM.posterior_mean(x, level.alpha, level.sigma, cls)
 
 
-def errors(w: float, steps: int, spacing: str, samplers: list[tuple[str, dict]]) -> tuple[float, list[float]]:
+def sample_errors(w: float, steps: int, spacing: str, samplers: list[tuple[str, dict]]) -> list[torch.Tensor]:
+    """Per-sample distances to the exact guided ODE solution: DDIM's first, then each sampler's."""
     grid = nw.make_grid(SCHED, steps, spacing)
     ref = guided_ode_solution(GMM, Z, grid[0], grid[-1], CLS, torch.full((B,), -1), w, rtol=1e-8, atol=1e-9)
     kw = dict(grid=grid, denoiser=cond_denoiser, cond=CLS, uncond=torch.tensor([-1]), guidance_scale=w)
-
-    def err(name: str, opts: dict) -> float:
-        return (nw.sample(None, Z, sampler=name, **kw, **opts) - ref).norm(dim=1).mean().item()
-
-    return err("ddim", {}), [err(n, o) for n, o in samplers]
+    return [(nw.sample(None, Z, sampler=n, **kw, **o) - ref).norm(dim=1) for n, o in [("ddim", {})] + samplers]
 
 
-def _check(w: float, steps: int, spacing: str, tol: float = TOL) -> None:
-    e_ddim, errs = errors(w, steps, spacing, MULTISTEP)
-    for (name, opts), e in zip(MULTISTEP, errs):
-        assert e <= tol * e_ddim, f"{name} {opts} at w={w}, {steps} steps ({spacing}): {e:.3f} vs DDIM {e_ddim:.3f}"
+def errors(w: float, steps: int, spacing: str, samplers: list[tuple[str, dict]]) -> tuple[float, list[float]]:
+    e_ddim, *es = sample_errors(w, steps, spacing, samplers)
+    return e_ddim.mean().item(), [e.mean().item() for e in es]
+
+
+def excess_se(e: torch.Tensor, e_ddim: torch.Tensor) -> float:
+    d = e - e_ddim
+    return (d.mean() / (d.std() / d.numel() ** 0.5)).item()
+
+
+def _check(w: float, steps: int, spacing: str, tol: float = TOL, z_tol: float = Z_TOL) -> None:
+    e_ddim, *es = sample_errors(w, steps, spacing, MULTISTEP)
+    for (name, opts), e in zip(MULTISTEP, es):
+        m, m_ddim, z = e.mean().item(), e_ddim.mean().item(), excess_se(e, e_ddim)
+        assert m <= tol * m_ddim and z <= z_tol, \
+            f"{name} {opts} at w={w}, {steps} steps ({spacing}): {m:.3f} vs DDIM {m_ddim:.3f} ({z:.2f} SE above)"
 
 
 @pytest.mark.parametrize("w", [1.0, 3.0, 7.5, 15.0])
@@ -85,10 +99,12 @@ def test_without_the_guard_high_order_solvers_blow_up() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("spacing", ["karras", "uniform_lambda", "trailing"])
 def test_guided_multistep_full_grid(spacing: str) -> None:
-    """w = 1..15 x NFE 4..20: the worst measured ratio is about 1.5 (w = 15, NFE 19, karras, where DDIM's
-    median error is 0.02); without the guard ratios reach 30 (dpmpp_3m) to 500 (unguarded deis/ipndm)."""
+    """w = 1..15 x NFE 4..20: the worst measured ratio is 1.53 (w = 15, NFE 19, karras, where DDIM's
+    median error is 0.02 and a few samples switching modes make the mean; 0.94-1.19 on other noise
+    draws) and the worst paired excess 3.5 SE (uniform_lambda, w = 12, NFE 5, UniPC-bh1, where DDIM's
+    error is 1.95); without the guard ratios reach 30 (dpmpp_3m) to 500 (unguarded deis/ipndm)."""
     for w, steps in itertools.product(range(1, 16), range(4, 21)):
-        _check(float(w), steps, spacing, tol=1.6)
+        _check(float(w), steps, spacing, tol=1.55, z_tol=3.6)
 
 
 def test_the_guard_drops_a_correction_far_above_the_noise_level() -> None:
