@@ -14,6 +14,7 @@ the carried paths) holds:
     python train/pack_for_device.py pack                        # .minilm + .whl -> .devpack/
     python train/pack_for_device.py unpack --dest .minilm       # on the device (device_retrain.sh does it)
     python train/pack_for_device.py check --run /tmp/retrain    # every caption's tokens were kept?
+    python train/pack_for_device.py size                        # what a run with carry=[".devpack"] sends
 """
 
 from __future__ import annotations
@@ -177,6 +178,25 @@ def slim_wheel(src: Path, dst_dir: Path) -> Path:
     return out
 
 
+def travel_size(carry: list[str]) -> dict[str, float]:
+    """MiB the device tool sends: tracked files, untracked files git does not ignore, carried paths."""
+    import subprocess
+
+    def files(*args: str) -> list[str]:
+        out = subprocess.run(["git", "ls-files", "-z", *args], cwd=ROOT, capture_output=True, check=True).stdout
+        return [f for f in out.decode().split("\0") if f]
+
+    def mib(paths: list[Path]) -> float:
+        return sum(p.stat().st_size for p in paths if p.is_file()) / 2**20
+
+    sizes = {"tracked": mib([ROOT / f for f in files()]),
+             "untracked, not ignored": mib([ROOT / f for f in files("--others", "--exclude-standard")])}
+    for c in carry:
+        sizes[f"carry {c}"] = mib([f for f in (ROOT / c).rglob("*")])
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -191,7 +211,15 @@ def main() -> None:
     p = sub.add_parser("check", help="report captions of a rendered run whose tokens were not kept")
     p.add_argument("--run", required=True)
     p.add_argument("--src", default=str(ROOT / ".devpack" / "minilm"))
+    p = sub.add_parser("size", help="MiB a device run would send (limit 64)")
+    p.add_argument("--carry", nargs="*", default=[".devpack"])
     a = ap.parse_args()
+    if a.cmd == "size":
+        sizes = travel_size(a.carry)
+        for k, v in sizes.items():
+            print(f"{v:6.1f} MiB  {k}")
+        print("fits the 64 MiB limit" if sizes["total"] < 64 else "OVER the 64 MiB limit: carry less")
+        return
     if a.cmd == "pack":
         out = Path(a.out)
         info = pack_minilm(Path(a.minilm), out / "minilm", caption_texts(a.random_captions))
