@@ -72,15 +72,17 @@ copy_out() {  # the EMA weights (fp16), written atomically into $OUT (their logs
   fi
   stamp data
   $T data --run "$R" --n "$N" --heldout "$HELDOUT" --seed 1 --two-objects "$TWO" --workers "$WORKERS" || exit 1
-  [ -f "$PACK/minilm/pack.json" ] && python3 train/pack_for_device.py check --run "$R" --src "$PACK/minilm"
   stamp "latents (shipped VAE) + captions"
   $T latents --run "$R" --vae $W/shapes-vae --evaluator $W/shapes-evaluator --device "$DEVICE" > "$R/latents.log" 2>&1 &
   P1=$!
   $T captions --run "$R" --text-encoder "$MINILM" --device "$DEVICE" > "$R/captions.log" 2>&1 &
   P2=$!
+  : > "$R/check.log"
+  [ -f "$PACK/minilm/pack.json" ] && python3 train/pack_for_device.py check --run "$R" --src "$PACK/minilm" > "$R/check.log" 2>&1 &
   wait $P1 || { cat "$R/latents.log"; exit 1; }
   wait $P2 || { cat "$R/captions.log"; exit 1; }
-  grep -hv Warning "$R/latents.log" "$R/captions.log"
+  wait
+  grep -hv Warning "$R/latents.log" "$R/captions.log" "$R/check.log"
   stamp "batch sizes"
   BS=$($T batch-times --device "$DEVICE" --batches $BATCHES --seconds "$TIME_S" --out "$R/batch_times.json" | tail -1)
   [ -n "$BS" ] || exit 1
