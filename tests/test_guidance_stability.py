@@ -8,9 +8,9 @@ They are not strictly never worse: at large w the error counts a handful of samp
 another mode (errors of 1-4 data scales each, so one sample moves the mean of 256 by ~0.01, 10-15%
 of DDIM's mean error at NFE 17-20), and which samples those are changes with the noise draw; in the
 regime where every solver fails (w >= 10 on 4-7 steps, DDIM's own error 1.3-3.2 data scales) the
-guarded samplers are 2-20% worse systematically. So each check bounds both the ratio to DDIM and the paired excess in standard
-errors (mean(e - e_ddim) / (std(e - e_ddim) / sqrt(B))); the measured worst values are in
-``docs/benchmarks/guidance.md``.
+guarded samplers are 2-20% worse systematically. So each check bounds both the ratio to DDIM and
+the paired excess in standard errors (mean(e - e_ddim) / (std(e - e_ddim) / sqrt(B))); the measured
+worst values are in ``docs/benchmarks/guidance.md``.
 """
 
 from __future__ import annotations
