@@ -173,6 +173,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale, callback=on_step, preset=a.preset,
             **({"image": image, "strength": a.strength} if image is not None else {}),
             **({"spacing": a.spacing} if a.spacing is not None else {}),
+            **{k: v for k, v in (("compose", a.compose), ("compose_scale", a.compose_scale),
+                                 ("region_sigma", a.region_sigma)) if v is not None},
         )
     except NoTunedSchedule as e:
         w = a.guidance_scale if a.guidance_scale is not None else pipe.defaults["guidance_scale"]
@@ -235,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", default=None, help="image-to-image: start from this picture (model size, e.g. 32x32)")
     g.add_argument("--strength", type=_float_range(0.0, 1.0, "--strength"), default=None,
                    help="image-to-image strength: 0 keeps the image, 1 ignores it (default 0.8)")
+    g.add_argument("--compose", choices=["off", "and", "regions", "objects", "binding", "layout"], default=None,
+                   help="prompt composition (docs/guidance.md#composition): 'regions' lays out the two objects of "
+                        "a shapes prompt and guides each with its own phrase in its region (the shapes models' "
+                        "default); 'and' composes the parts of 'A AND B' (any model); 'off' = plain CFG")
+    g.add_argument("--compose-scale", type=_float_range(0.0, 50.0, "--compose-scale"), default=None,
+                   help="weight of each component (regions: 1 = the object's phrase replaces the prompt in its "
+                        "region; default: the model's, else 1)")
+    g.add_argument("--region-sigma", type=_float_range(0.01, 1.0, "--region-sigma"), default=None,
+                   help="width of a region (fraction of the image; default: the model's, else 0.12)")
     g.add_argument("--num-images", type=_int_range(1, 64, "--num-images"), default=1)
     g.add_argument("--out", default="out.png", help="the viewable PNG; native images go to <out>-<i>.png")
     g.add_argument("--scale", type=_int_range(1, 64, "--scale"), default=8, help="pixel-exact upscaling of the view")

@@ -110,6 +110,7 @@ def sample(
     negative: Any = None,
     guidance_scale: float | Tensor | None = None,
     guidance: Any = None,
+    composition: Any = None,
     max_batch: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     callback: Callback | None = None,
@@ -151,6 +152,10 @@ def sample(
             unconditional rows).
         guidance: guidance options: a name, an option (``nw.APG()``), a dict or a list of them;
             see :func:`noisewise.guidance_methods`.
+        composition: a :class:`noisewise.guidance.compose.Composition` (component conditionings,
+            e.g. the object phrases of a prompt): composable guidance
+            ``D = D(u) + w (D(c) - D(u)) + sum_i w_i (D(c_i) - D(u))`` in one batched forward per step,
+            ``u`` = ``negative`` or ``uncond``; needs ``guidance`` None (plain CFG).
         max_batch: at most this many rows per network call (cond + uncond rows are split only then).
         **sampler_options: e.g. ``order=3`` for unipc/dpm_solver.
     """
@@ -232,7 +237,17 @@ def sample(
         denoiser = ModelDenoiser(
             model, pt, model_kwargs=model_kwargs, model_dtype=model_dtype, check_finite=check_finite
         )
-    if any(v is not None for v in (cond, uncond, negative, guidance_scale, guidance)):
+    if composition is not None:
+        if guidance is not None:
+            raise ValueError("composition= combines plain CFG terms; it cannot be used with guidance= options")
+        from .guidance.compose import ComposedDenoiser
+
+        denoiser = ComposedDenoiser(
+            denoiser, cond=cond, guide=negative if negative is not None else uncond,
+            guidance_scale=1.0 if guidance_scale is None else guidance_scale, composition=composition,
+            max_batch=max_batch, batch=noise.shape[0],
+        )
+    elif any(v is not None for v in (cond, uncond, negative, guidance_scale, guidance)):
         denoiser = GuidedDenoiser(
             denoiser, cond=cond, uncond=uncond, negative=negative,
             guidance_scale=1.0 if guidance_scale is None else guidance_scale, guidance=guidance,
@@ -240,7 +255,7 @@ def sample(
         )
     elif max_batch is not None:
         raise ValueError("max_batch= splits the guidance branches; it needs cond= (and uncond=)")
-    guided = denoiser if isinstance(denoiser, GuidedDenoiser) else None
+    guided = denoiser if isinstance(denoiser, GuidedDenoiser) or composition is not None else None
     if guided is not None:
         guided.bind(grid)
         if "stiff_guard" in inspect.signature(spec.fn).parameters and "stiff_guard" not in sampler_options:

@@ -34,6 +34,12 @@ MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 
 
+def _check_weight(v: Any, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= MAX_GUIDANCE:
+        raise ValueError(f"{name} must be a number from 0 to {MAX_GUIDANCE}, got {v!r}")
+    return float(v)
+
+
 def weights_root() -> Path:
     return Path(__file__).resolve().parent.parent / "weights"
 
@@ -280,6 +286,11 @@ class Pipeline:
         image: Any = None,
         strength: float | None = None,
         preset: str | None = None,
+        compose: str | None = None,
+        compose_scale: float | None = None,
+        compose_full_scale: float | None = None,
+        phrase_states: str | None = None,
+        region_sigma: float | None = None,
         **sampler_options: Any,
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt; image ``i`` uses seed ``seed + i``.
@@ -296,6 +307,16 @@ class Pipeline:
                 level (default 0.8; 1 ignores the image, 0 returns it).
             preset: ``"realtime"``, ``"balanced"`` or ``"quality"`` (:mod:`noisewise.pipeline.presets`):
                 sampler, steps, guidance and sampler options; explicit arguments override it.
+            compose: composable guidance (:mod:`noisewise.pipeline.compose`): ``"and"`` splits a
+                prompt at upper-case ``AND``, ``"objects"`` also into the object phrases of a shapes
+                prompt; each component adds ``compose_scale * (D(component) - D(negative))`` to the
+                guided prediction, all rows in one batched forward. Prompts with fewer than two
+                components get plain CFG. Default: the model's (``"off"``).
+            compose_scale: weight of each component (default: the model's, else 1).
+            compose_full_scale: guidance scale on the full prompt of a composed prompt (default:
+                ``guidance_scale``; 0 = the components alone, Liu et al.'s AND).
+            phrase_states: ``"replace"`` or ``"mean"``: encode each object phrase on its own and put
+                its token states into the full prompt's (shapes prompts with two objects); default off.
         """
         if isinstance(prompt, str) and (
             isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES
@@ -322,8 +343,29 @@ class Pipeline:
             if not p.strip():
                 logger.warning("empty prompt: sampling unconditionally (only the negative prompt steers)")
         seeds = [seed + i for i in range(len(prompts))]
-        cond = self.encode_prompt(prompts)
+        from .compose import REGION_SIGMA, build, check_mode, check_phrase_mode
+        from .compose import phrase_states as _phrase_states
+
+        mode = check_mode(compose if compose is not None else self.defaults.get("compose"))
+        c_scale = _check_weight(compose_scale if compose_scale is not None else self.defaults.get("compose_scale", 1.0),
+                                "compose_scale")
+        c_full = _check_weight(w if compose_full_scale is None else compose_full_scale, "compose_full_scale")
+        if mode.startswith("binding"):  # w (c - u) + s (c - mean of the wrongly bound prompts)
+            c_full += c_scale
+        phrase = check_phrase_mode(phrase_states if phrase_states is not None else self.defaults.get("phrase_states"))
+        sigma = float(region_sigma if region_sigma is not None else self.defaults.get("region_sigma", REGION_SIGMA))
+        if not 0.01 <= sigma <= 1.0:
+            raise ValueError(f"region_sigma must be from 0.01 to 1 (a fraction of the image), got {region_sigma!r}")
+        composed = build(self, prompts, mode, c_scale, seeds, c_full, sigma)
+        cond = self.encode_prompt(composed.prompts)
+        if phrase != "off":
+            cond = _phrase_states(self, composed.prompts, cond, phrase)
         uncond = self.encode_prompt([neg] * len(prompts))
+        scale: Any = w
+        if composed.composition is not None:
+            sampler_options = {**sampler_options, "composition": composed.composition}
+            if c_full != w:
+                scale = torch.tensor([c_full if c else w for c in composed.components], dtype=torch.float64)
         noise = self.initial_noise(seeds)
         if image is not None or strength is not None:
             from .img2img import DEFAULT_STRENGTH, check_strength, encode_images
@@ -332,7 +374,7 @@ class Pipeline:
                 raise ValueError("strength= needs image= (the input image of image-to-image)")
             s = check_strength(DEFAULT_STRENGTH if strength is None else strength)
             sampler_options = {**sampler_options, "init": encode_images(self, image, len(prompts)), "strength": s}
-        latents, nfe = self._sample(noise, cond, uncond, w, sampler, steps, callback, model=model,
+        latents, nfe = self._sample(noise, cond, uncond, scale, sampler, steps, callback, model=model,
                                         **sampler_options)
         images = self.decode(latents)
         from .. import __version__
@@ -345,8 +387,12 @@ class Pipeline:
                 "size": [int(images.shape[1]), int(images.shape[2])], "noisewise": __version__,
                 **({"preset": preset} if preset is not None else {}),
                 **({"strength": sampler_options["strength"]} if "init" in sampler_options else {}),
+                **({"compose": mode, "compose_scale": c_scale, "compose_full_scale": c_full, "components": cs,
+                    **({"region_sigma": sigma} if mode.startswith("regions") else {})} if cs else {}),
+                **({"composed_prompt": fp} if fp != p else {}),
+                **({"phrase_states": phrase} if phrase != "off" else {}),
             }
-            for p, s in zip(prompts, seeds)
+            for p, s, cs, fp in zip(prompts, seeds, composed.components, composed.prompts)
         ]
         return GenerationResult(images, meta, nfe, {"truncated": [self.text_encoder.truncates(p) for p in prompts]})
 

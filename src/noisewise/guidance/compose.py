@@ -1,0 +1,226 @@
+"""Composable guidance (Liu et al. 2022, "Compositional Visual Generation with Composable
+Diffusion Models"): several conditions steer one sample, all in one batched forward per step.
+
+For a sample with full conditioning ``c``, guiding (unconditional or negative) conditioning ``u``
+and component conditionings ``c_1 .. c_k`` (e.g. the object phrases of a two-object prompt), the
+data prediction is
+
+    D = D(u) + w (D(c) - D(u)) + sum_i w_i (D(c_i) - D(u))
+
+``w = guidance_scale`` and no components is plain classifier-free guidance; ``w = 0`` and ``w_i = 1``
+is the product of the component conditionals ``p(x | c_1) ... p(x | c_k) / p(x)^(k-1)`` (the
+paper's AND). The weights on the data predictions sum to one, so combining in x0, epsilon, v or
+flow space gives the same result: the combination is done on x0.
+
+Samples of one batch may have different numbers of components (a one-object prompt has none and
+gets plain CFG). Rows per step: ``B`` guiding rows, the full-prompt rows of the samples with
+``w != 0``, and one row per component.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.grid import Level
+from ..models.denoiser import ModelDenoiser
+from .guided import CondDenoise, _cat, _check_cond, _map, _same_layout, _slice, _take, check_scale, conditional_denoiser
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Component conditionings of a batch: ``cond`` has one row per component (a tensor or a
+    tuple/dict of them, laid out like the full conditioning), ``owner[r]`` is the sample row ``r``
+    steers and ``weight[r]`` its weight ``w_r``. Build it with :meth:`from_lists`.
+
+    ``mask`` (optional, ``(R, ...)`` broadcastable to one sample, e.g. ``(R, 1, H, W)``): a spatial
+    weight per component (regional prompting). ``relative``: ``"guide"`` adds
+    ``w_r m_r (D(c_r) - D(u))``; ``"cond"`` adds ``w_r m_r (D(c_r) - D(c))``, so that with
+    ``w_r = w`` and ``m_r = 1`` the component's prompt replaces the full prompt there."""
+
+    cond: Any
+    owner: Sequence[int]
+    weight: Sequence[float]
+    mask: Tensor | None = None
+    relative: str = "guide"
+
+    @classmethod
+    def from_lists(cls, conds: Sequence[Sequence[Any]], weights: Sequence[Sequence[float]] | float) -> Composition:
+        """``conds[b]``: the component conditionings of sample ``b`` (each with a leading batch
+        dimension of 1, or none), ``weights[b][i]`` their weights (or one number for all)."""
+        rows, owner, weight = [], [], []
+        for b, cs in enumerate(conds):
+            ws = [float(weights)] * len(cs) if isinstance(weights, (int, float)) else list(weights[b])
+            if len(ws) != len(cs):
+                raise ValueError(f"sample {b}: {len(cs)} components but {len(ws)} weights")
+            for c, w in zip(cs, ws):
+                rows.append(_map(lambda t: t if t.ndim and t.shape[0] == 1 else t.unsqueeze(0), c))
+                owner.append(b)
+                weight.append(w)
+        return cls(_cat(rows) if rows else None, owner, weight)
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+
+class ComposedDenoiser:
+    """Composable guidance around a conditional denoiser; itself a denoiser ``D(x, level) -> x0``.
+
+    Args:
+        denoise: ``D(x, level, cond) -> x0`` (one network call per invocation), or a
+            :class:`ModelDenoiser` (wrapped with :func:`conditional_denoiser`).
+        cond: the full conditioning of each sample (batch-aligned).
+        guide: the guiding conditioning (unconditional or negative), same layout.
+        guidance_scale: ``w`` on the full conditioning, a number or one per sample (``0`` drops the
+            full-prompt rows of those samples).
+        composition: the component rows (:class:`Composition`); ``None`` or empty = plain CFG.
+        max_batch: most rows per network call (None: all rows of a step in one call).
+
+    Counts like :class:`~noisewise.guidance.GuidedDenoiser`: ``nfe`` (branches per step, the
+    largest number any sample uses, summed over steps), ``calls`` (forward passes) and ``rows``.
+    """
+
+    def __init__(
+        self,
+        denoise: CondDenoise | ModelDenoiser,
+        *,
+        cond: Any,
+        guide: Any,
+        guidance_scale: Any = 1.0,
+        composition: Composition | None = None,
+        max_batch: int | None = None,
+        batch: int | None = None,
+    ) -> None:
+        self.model_denoiser = denoise if isinstance(denoise, ModelDenoiser) else None
+        self.denoise: CondDenoise = conditional_denoiser(denoise) if isinstance(denoise, ModelDenoiser) else denoise
+        if cond is None or guide is None:
+            raise ValueError("composable guidance needs cond= (the full prompt) and a guiding branch (uncond= or "
+                             "negative=)")
+        from .guided import _leaves
+
+        if batch is None:
+            batch = _leaves(cond)[0].shape[0]
+        self.batch = batch
+        self.cond = _check_cond(cond, "cond", batch)
+        self.guide = _check_cond(guide, "guide", batch)
+        _same_layout(self.cond, self.guide, "cond", "guide")
+        self.scale = check_scale(guidance_scale, batch)
+        comp = composition if composition is not None and len(composition) else None
+        if comp is not None:
+            owner = torch.as_tensor(list(comp.owner), dtype=torch.long)
+            if owner.ndim != 1 or bool((owner < 0).any()) or bool((owner >= batch).any()):
+                raise ValueError(f"composition owners must be sample indices in [0, {batch}), got {owner.tolist()}")
+            weight = torch.as_tensor(list(comp.weight), dtype=torch.float64)
+            if weight.shape != owner.shape or not bool(torch.isfinite(weight).all()):
+                raise ValueError("composition weights must be finite, one per component row")
+            n = int(owner.numel())
+            self.comp_cond = _check_cond(comp.cond, "composition cond", n)
+            _same_layout(self.cond, self.comp_cond, "cond", "composition cond")
+            self.owner, self.comp_weight = owner, weight
+            if comp.relative not in ("guide", "cond"):
+                raise ValueError(f"composition relative must be 'guide' or 'cond', got {comp.relative!r}")
+            self.relative = comp.relative
+            if comp.mask is not None and (not isinstance(comp.mask, Tensor) or comp.mask.shape[0] != n):
+                raise ValueError(f"composition mask must be a tensor with one row per component ({n})")
+            self.mask = comp.mask
+        else:
+            self.comp_cond, self.owner, self.comp_weight = None, torch.zeros(0, dtype=torch.long), torch.zeros(0)
+            self.relative, self.mask = "guide", None
+        full = self.scale != 0.0
+        if self.relative == "cond":  # the components are measured from D(c): every full row is needed
+            full = torch.ones_like(full)
+        self._full_idx = None if bool(full.all()) else full.nonzero().reshape(-1)
+        counts = torch.bincount(self.owner, minlength=batch) if self.owner.numel() else torch.zeros(batch)
+        self.branches = int((1 + full.long() + counts.long()).max())
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be an integer >= 1 (rows per network call), got {max_batch!r}")
+        self.max_batch = max_batch
+        self.nfe = self.calls = self.rows = 0
+        self._dev: dict[tuple[torch.device, torch.dtype], tuple[Any, ...]] = {}
+
+    def bind(self, grid: Any) -> ComposedDenoiser:
+        self.nfe = self.calls = self.rows = 0
+        return self
+
+    def raise_if_nonfinite(self) -> None:
+        if self.model_denoiser is not None:
+            self.model_denoiser.raise_if_nonfinite()
+
+    def _on(self, like: Tensor) -> tuple[Any, ...]:
+        key = (like.device, like.dtype)
+        if key not in self._dev:
+            shape = (-1, *([1] * (like.ndim - 1)))
+            fi = None if self._full_idx is None else self._full_idx.to(like.device)
+            ws = self.scale if fi is None else self.scale[self._full_idx]
+            wc = self.comp_weight.to(like.device, like.dtype).reshape(shape)
+            if self.mask is not None:
+                wc = wc * self.mask.to(like.device, like.dtype)
+            self._dev[key] = (fi, ws.to(like.device, like.dtype).reshape(shape), self.owner.to(like.device), wc)
+        return self._dev[key]
+
+    def _forward(self, x: Tensor, level: Level, cond: Any) -> Tensor:
+        n = x.shape[0]
+        if self.max_batch is None or n <= self.max_batch:
+            self.calls += 1
+            self.rows += n
+            return self.denoise(x, level, cond)
+        outs = []
+        for a in range(0, n, self.max_batch):
+            b = min(n, a + self.max_batch)
+            self.calls += 1
+            self.rows += b - a
+            outs.append(self.denoise(x[a:b], level, _slice(cond, a, b)))
+        return torch.cat(outs, dim=0)
+
+    def __call__(self, x: Tensor, level: Level) -> Tensor:
+        B = x.shape[0]
+        if B != self.batch:
+            raise ValueError(f"this ComposedDenoiser was built for {self.batch} samples, got a batch of {B}")
+        fi, w, owner, wc = self._on(x)
+        xs, conds = [x], [self.guide]
+        xf = x if fi is None else x.index_select(0, fi)
+        nf = xf.shape[0]
+        if nf:
+            xs.append(xf)
+            conds.append(_take(self.cond, fi))
+        nc = int(owner.numel())
+        if nc:
+            xs.append(x.index_select(0, owner))
+            conds.append(self.comp_cond)
+        out = self._forward(torch.cat(xs, dim=0), level, _cat(conds))
+        self.nfe += self.branches
+        u = out[:B]
+        g = u.clone()
+        if nf:
+            df = w * (out[B : B + nf] - (u if fi is None else u.index_select(0, fi)))
+            g = g + df if fi is None else g.index_add(0, fi, df)
+        if nc:
+            base = out[B : B + nf] if self.relative == "cond" else u  # nf == B when relative to cond
+            g = g.index_add(0, owner, wc * (out[B + nf :] - base.index_select(0, owner)))
+        return g
+
+
+# -- splitting prompts into components --------------------------------------------------------------
+AND_SEPARATOR = re.compile(r"\s*(?<!\S)AND(?!\S)\s*")
+
+
+def split_and(prompt: str) -> list[str]:
+    """The parts of a prompt joined by an upper-case ``AND`` (Automatic1111's syntax); one part =
+    no composition (returns ``[]``)."""
+    parts = [p.strip() for p in AND_SEPARATOR.split(prompt)]
+    if len(parts) < 2:
+        return []
+    if any(not p for p in parts):
+        raise ValueError(f"empty part in the composed prompt {prompt!r}: write 'A AND B' with text on both sides")
+    return parts
+
+
+def full_prompt(prompt: str) -> str:
+    """The prompt the full-conditioning branch reads: ``AND`` separators as plain ``and``."""
+    return AND_SEPARATOR.sub(" and ", prompt)

@@ -1,0 +1,256 @@
+"""Composable guidance and regional prompting (noisewise.guidance.compose, noisewise.pipeline.compose,
+noisewise.shapes.phrases): the composed denoiser against its formula on the exact Gaussian mixture
+(four classes, each a condition), one batched forward per step, reduction to plain CFG, the prompt
+splitters on hand-built prompts, and the pipeline path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import noisewise as nw
+from noisewise.gmm import GaussianMixture
+from noisewise.guidance import GuidedDenoiser
+from noisewise.guidance.compose import ComposedDenoiser, Composition, full_prompt, split_and
+from noisewise.shapes.captions import parse_prompt
+from noisewise.shapes.phrases import binding_negatives, layout, object_phrases
+
+F64 = torch.float64
+_G = GaussianMixture.default()
+GMM = GaussianMixture(_G.means, _G.stds, _G.weights, torch.arange(8) % 4)  # four classes: four conditions
+SCHED = nw.DiscreteVP(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+LEVEL = nw.Level(alpha=0.8, sigma=0.6, lam=float(np.log(0.8 / 0.6)), model_time=500.0)
+
+
+def post(x: torch.Tensor, cls: torch.Tensor | int) -> torch.Tensor:
+    c = torch.as_tensor(cls).reshape(-1).expand(x.shape[0])
+    return GMM.posterior_mean(x, LEVEL.alpha, LEVEL.sigma, c)
+
+
+class Spy:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, x: torch.Tensor, level: nw.Level, cls: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return GMM.posterior_mean(x, level.alpha, level.sigma, cls)
+
+
+def x_(b: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def test_composition_is_the_formula_in_one_forward() -> None:
+    # sample 0: full 0, components 1 and 2; sample 1: full 3, no component; sample 2: full 1, component 3
+    x = x_(3)
+    cond, guide = torch.tensor([0, 3, 1]), torch.tensor([-1, -1, -1])
+    comp = Composition(torch.tensor([1, 2, 3]), owner=[0, 0, 2], weight=[0.7, 1.3, -0.4])
+    w = torch.tensor([2.0, 3.0, 0.5], dtype=F64)
+    spy = Spy()
+    d = ComposedDenoiser(spy, cond=cond, guide=guide, guidance_scale=w, composition=comp)
+    out = d(x, LEVEL)
+    u = post(x, -1)
+    ref = u + w[:, None] * (post(x, cond) - u)
+    ref[0] += 0.7 * (post(x[:1], 1) - u[:1])[0] + 1.3 * (post(x[:1], 2) - u[:1])[0]
+    ref[2] += -0.4 * (post(x[2:], 3) - u[2:])[0]
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    assert spy.calls == [3 + 3 + 3] and d.calls == 1 and d.rows == 9 and d.nfe == 4  # sample 0: 4 branches
+
+
+def test_components_only_drop_the_full_rows_and_one_component_is_cfg() -> None:
+    x = x_(4, 1)
+    spy = Spy()
+    comp = Composition.from_lists([[torch.tensor([k])] for k in range(4)], 2.5)
+    d = ComposedDenoiser(spy, cond=torch.tensor([3, 2, 1, 0]), guide=torch.full((4,), -1), guidance_scale=0.0,
+                         composition=comp)
+    g = GuidedDenoiser(lambda x, lv, c: post(x, c), cond=torch.arange(4), uncond=torch.tensor([-1]),
+                       guidance_scale=2.5)
+    assert torch.allclose(d(x, LEVEL), g(x, LEVEL), atol=1e-12, rtol=0)
+    assert spy.calls == [8]  # guide + components, no full-prompt rows at w = 0
+
+
+def test_regional_component_relative_to_cond_replaces_the_prompt_inside_its_mask() -> None:
+    x = x_(2, 2).reshape(2, 2, 1)  # "pixels": the two coordinates
+    mask = torch.tensor([[[1.0], [0.0]]])  # component 0 owns coordinate 0 of sample 1
+    comp = Composition(torch.tensor([2]), owner=[1], weight=[3.0], mask=mask, relative="cond")
+
+    def D(x: torch.Tensor, level: nw.Level, c: torch.Tensor) -> torch.Tensor:
+        return GMM.posterior_mean(x[..., 0], level.alpha, level.sigma, c)[..., None]
+
+    d = ComposedDenoiser(D, cond=torch.tensor([0, 1]), guide=torch.tensor([-1, -1]), guidance_scale=3.0,
+                         composition=comp)
+    out = d(x, LEVEL)[..., 0]
+    xs = x[..., 0]
+    u = post(xs, -1)
+    cfg = u + 3.0 * (post(xs, torch.tensor([0, 1])) - u)
+    region = u[1] + 3.0 * (post(xs[1:], 2)[0] - u[1])  # CFG on the component's condition
+    assert torch.allclose(out[0], cfg[0], atol=1e-12)
+    assert torch.allclose(out[1, 0], region[0], atol=1e-12) and torch.allclose(out[1, 1], cfg[1, 1], atol=1e-12)
+
+
+def test_sample_with_a_composition_follows_the_composed_ode() -> None:
+    B = 4
+    noise = torch.randn(B, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    comp = Composition.from_lists([[torch.tensor([1]), torch.tensor([2])], [], [torch.tensor([3])], []], 0.8)
+    cond, w = torch.tensor([0, 1, 2, 3]), 1.5
+    r = nw.sample(GMM.model(SCHED), noise, schedule=SCHED, sampler="ddim", steps=12, cond=cond,
+                  uncond=torch.tensor([-1]), guidance_scale=w, composition=comp, return_info=True)
+    owners = {0: [1, 2], 2: [3]}
+
+    def exact(x: torch.Tensor, level: nw.Level) -> torch.Tensor:
+        u = GMM.posterior_mean(x, level.alpha, level.sigma, torch.full((B,), -1))
+        out = u + w * (GMM.posterior_mean(x, level.alpha, level.sigma, cond) - u)
+        for b, cs in owners.items():
+            for c in cs:
+                dc = GMM.posterior_mean(x[b : b + 1], level.alpha, level.sigma, torch.tensor([c]))[0]
+                out[b] += 0.8 * (dc - u[b])
+        return out
+
+    ref = nw.sample(None, noise, schedule=SCHED, sampler="ddim", steps=12, denoiser=exact)
+    assert torch.allclose(r.x, ref, atol=1e-10)
+    assert r.calls == 12 and r.rows == 12 * (B + B + 3) and r.nfe == 12 * 4
+    with pytest.raises(ValueError, match="guidance= options"):
+        nw.sample(GMM.model(SCHED), noise, schedule=SCHED, steps=2, cond=cond, uncond=torch.tensor([-1]),
+                  guidance_scale=w, composition=comp, guidance="apg")
+
+
+def test_bad_compositions_are_refused() -> None:
+    with pytest.raises(ValueError, match="owners"):
+        ComposedDenoiser(Spy(), cond=torch.tensor([0]), guide=torch.tensor([-1]),
+                         composition=Composition(torch.tensor([1]), [3], [1.0]))
+    with pytest.raises(ValueError, match="relative"):
+        ComposedDenoiser(Spy(), cond=torch.tensor([0]), guide=torch.tensor([-1]),
+                         composition=Composition(torch.tensor([1]), [0], [1.0], relative="x"))
+
+
+# -- splitting prompts ---------------------------------------------------------------------------
+def test_split_and() -> None:
+    assert split_and("a cat AND a dog on grass") == ["a cat", "a dog on grass"]
+    assert split_and("a cat and a dog") == []
+    assert full_prompt("a cat AND a dog") == "a cat and a dog"
+    with pytest.raises(ValueError, match="empty part"):
+        split_and("a cat AND  AND a dog")
+
+
+@pytest.mark.parametrize("prompt, objects, background", [
+    ("two shapes: a green cross on the left and a small yellow triangle on grey",
+     ("a green cross on the left", "a small yellow triangle"), "on grey"),
+    ("a small orange disk on top, a tiny triangle near the bottom",
+     ("a small orange disk on top", "a tiny triangle near the bottom"), None),
+    ("a yellow plus sign and a square against a white background", ("a yellow plus sign", "a square"),
+     "against a white background"),
+    ("a big red circle on a black background", ("a big red circle",), "on a black background"),
+    ("blurry, watermark", (), None),
+])
+def test_object_phrases(prompt: str, objects: tuple[str, ...], background: str | None) -> None:
+    op = object_phrases(prompt)
+    assert op.objects == objects and op.background == background
+    assert all(prompt[a:b] == o for (a, b), o in zip(op.spans, op.objects))
+    got = tuple(o for c in op.components(False) for o in parse_prompt(c).objects)
+    assert got == parse_prompt(prompt).objects
+
+
+def test_object_phrases_agree_with_parse_prompt_on_benchmark_prompts() -> None:
+    from noisewise.shapes.evaluator import benchmark_prompts
+
+    for p in benchmark_prompts(300):
+        op = object_phrases(p)
+        assert tuple(o for c in op.components(False) for o in parse_prompt(c).objects) == parse_prompt(p).objects, p
+        assert (parse_prompt(op.background).background if op.background else None) == parse_prompt(p).background
+
+
+def test_layout_fills_free_positions_apart_and_keeps_named_ones() -> None:
+    lay = layout("a red circle on the left and a blue square", np.random.default_rng(0))
+    assert lay is not None and lay.positions[0] == "left" and lay.positions[1] in ("right", "top", "bottom")
+    assert lay.chosen == (False, True)
+    req = parse_prompt(lay.prompt)
+    assert [o.position for o in req.objects] == list(lay.positions)
+    assert [o.color for o in req.objects] == ["red", "blue"]
+    assert [parse_prompt(c).objects[0] for c in lay.components] == list(req.objects)
+    both = layout("two shapes: a disc and a plus on white", np.random.default_rng(1))
+    assert both is not None and set(both.positions) in ({"left", "right"}, {"top", "bottom"}, {"left", "top"},
+                                                         {"left", "bottom"}, {"right", "top"}, {"right", "bottom"})
+    assert all(c.endswith(" on white") for c in both.components)
+    assert layout("a red circle", None) is None
+    assert layout("a red circle on the left and a blue square on the left", None) is None
+
+
+def test_binding_negatives_swap_values_not_synonyms() -> None:
+    negs = binding_negatives("a small red circle on the left and a tiny blue square on the right")
+    assert ("color", "exchanged", "a small blue circle on the left and a tiny red square on the right") in negs
+    assert ("position", "exchanged", "a small red circle on the right and a tiny blue square on the left") in negs
+    assert not any(a == "size" for a, _, _ in negs)  # small and tiny are one value
+    assert ("shape", "same", "a small red circle on the left and a tiny blue circle on the right") in negs
+    assert binding_negatives("an orange disc and a yellow box")[0][2] == "a yellow disc and an orange box"
+
+
+# -- the pipeline --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipe():
+    from noisewise.pipeline import Pipeline
+
+    return Pipeline.from_pretrained("shapes-vp")
+
+
+class RowSpy:
+    def __init__(self, pipe) -> None:
+        self.pipe, self.rows = pipe, []
+
+    def __call__(self, x, t, cond):
+        self.rows.append(x.shape[0])
+        return self.pipe.model_fn(x, t, cond)
+
+
+def test_pipeline_regions(pipe) -> None:
+    from noisewise.pipeline.compose import region_masks
+
+    prompts = ["a red circle on the left", "a green cross and a yellow triangle on grey"]
+    spy = RowSpy(pipe)
+    res = pipe(prompts, seed=3, steps=4, compose="regions", model=spy)
+    plain = pipe(prompts, seed=3, steps=4, compose="off")
+    assert np.array_equal(res.images[0], plain.images[0])  # a one-object prompt is plain CFG
+    assert not np.array_equal(res.images[1], plain.images[1])
+    assert spy.rows == [2 + 2 + 2] * 4  # guide + full rows of both, two components of the second
+    m = res.metadata[1]
+    assert m["compose"] == "regions" and len(m["components"]) == 2 and m["region_sigma"] == pytest.approx(0.12)
+    assert parse_prompt(m["composed_prompt"]).objects[0].position is not None
+    assert "compose" not in res.metadata[0]
+    # the recorded parameters reproduce the image
+    again = pipe(m["prompt"], seed=m["seed"], steps=4, compose=m["compose"], compose_scale=m["compose_scale"],
+                 region_sigma=m["region_sigma"])
+    assert np.array_equal(again.images[0], res.images[1])
+    masks = region_masks(["left", "right"], (8, 8))
+    assert masks.shape == (2, 1, 8, 8) and float(masks.sum(0).max()) <= 1 + 1e-6
+    assert float(masks[0, 0, 4, 1]) == pytest.approx(1.0, abs=1e-4) and float(masks[0, 0, 4, 6]) < 0.01
+
+
+def test_pipeline_and_syntax_and_errors(pipe) -> None:
+    spy = RowSpy(pipe)
+    res = pipe("a red circle AND a blue square", seed=0, steps=3, compose="and", compose_scale=0.5, model=spy)
+    assert spy.rows == [1 + 1 + 2] * 3
+    assert res.metadata[0]["components"] == ["a red circle", "a blue square"]
+    assert res.metadata[0]["composed_prompt"] == "a red circle and a blue square"
+    with pytest.raises(ValueError, match="compose must be one of"):
+        pipe("a red circle", compose="everything")
+    with pytest.raises(ValueError, match="compose_scale"):
+        pipe("a red circle", compose="and", compose_scale=-1.0)
+    with pytest.raises(ValueError, match="region_sigma"):
+        pipe("a red circle", compose="regions", region_sigma=5.0)
+
+
+def test_cli_generate_compose_records_the_composition(tmp_path, pipe) -> None:
+    import json
+
+    from PIL import Image
+
+    from noisewise.cli import main
+
+    out = tmp_path / "out.png"
+    prompt = "a green cross and a yellow triangle"
+    assert main(["generate", prompt, "--steps", "2", "--seed", "5", "--compose", "regions", "--region-sigma", "0.1",
+                 "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    meta = json.loads(Image.open(tmp_path / "out-0.png").text["parameters"])
+    assert meta["compose"] == "regions" and meta["region_sigma"] == 0.1 and len(meta["components"]) == 2
+    ref = pipe(prompt, steps=2, seed=5, compose="regions", region_sigma=0.1)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out-0.png").convert("RGB")), ref.images[0])
