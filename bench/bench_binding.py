@@ -37,11 +37,11 @@ from noisewise.shapes.world import render
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
-# name -> pipeline keyword arguments (on top of the model's shipped defaults)
+# name -> pipeline keyword arguments (on top of the model's shipped defaults; every variant names its compose mode)
 VARIANTS: dict[str, dict[str, Any]] = {
-    "base": {},
-    "phrase-replace": {"phrase_states": "replace"},
-    "phrase-mean": {"phrase_states": "mean"},
+    "base": {"compose": "off"},  # plain CFG (the shipped default before regions)
+    "phrase-replace": {"compose": "off", "phrase_states": "replace"},
+    "phrase-mean": {"compose": "off", "phrase_states": "mean"},
     "compose-full0-c1": {"compose": "objects", "compose_full_scale": 0.0, "compose_scale": 1.0},
     "compose-full0-c2": {"compose": "objects", "compose_full_scale": 0.0, "compose_scale": 2.0},
     "compose-full1-c0.5": {"compose": "objects", "compose_full_scale": 1.0, "compose_scale": 0.5},
@@ -63,7 +63,7 @@ for _s in (0.5, 1.0):
         VARIANTS[f"regions-s{_s:g}-sig{_sig:g}"] = {"compose": "regions", "compose_scale": _s, "region_sigma": _sig}
         VARIANTS[f"regions-named-s{_s:g}-sig{_sig:g}"] = {"compose": "regions-named", "compose_scale": _s,
                                                          "region_sigma": _sig}
-VARIANTS["layout-only"] = {"compose": "layout"}
+VARIANTS["layout-only"] = {"compose": "layout"}  # the layout's prompt, plain CFG
 VARIANTS["regions-s1-sig0.09"] = {"compose": "regions", "compose_scale": 1.0, "region_sigma": 0.09}
 VARIANTS["regions-s1.5-sig0.12"] = {"compose": "regions", "compose_scale": 1.5, "region_sigma": 0.12}
 VARIANTS["regions-s1-sig0.12-w3"] = {"compose": "regions", "compose_scale": 1.0, "region_sigma": 0.12,

@@ -67,6 +67,17 @@ def test_generate_json_equals_the_pipeline(client, pipe):
     assert json.loads(im.text["parameters"])["seed"] == 11
 
 
+def test_two_object_prompt_is_composed_by_default_like_the_pipeline(client, pipe):
+    prompt = "a red circle and a blue square on grey"  # the shapes models compose by regions by default
+    r = client.post("/v1/generate", json={"prompt": prompt, "steps": STEPS, "seed": 7})
+    assert r.status_code == 200, r.text
+    direct = pipe(prompt, steps=STEPS, seed=7)
+    assert direct.metadata[0]["compose"] == "regions" and len(direct.metadata[0]["components"]) == 2
+    assert np.array_equal(_png(r.json()["images"][0]["png_base64"]), direct.images[0])
+    meta = r.json()["images"][0]["metadata"]
+    assert meta["compose"] == "regions" and meta["components"] == direct.metadata[0]["components"]
+
+
 def test_concurrent_mixed_requests_are_batched_and_match_solo_runs(client, pipe):
     reqs = [
         {"prompt": "a red circle", "sampler": "dpmpp_2m", "steps": 4, "seed": 1, "guidance_scale": 7.5},

@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=_float_range(0.0, 1.0, "--strength"), default=None,
                    help="image-to-image strength: 0 keeps the image, 1 ignores it (default 0.8)")
     g.add_argument("--compose", choices=["off", "and", "regions", "objects", "binding", "layout"], default=None,
-                   help="prompt composition (docs/guidance.md#composition): 'regions' lays out the two objects of "
+                   help="prompt composition (docs/composition.md): 'regions' lays out the two objects of "
                         "a shapes prompt and guides each with its own phrase in its region (the shapes models' "
                         "default); 'and' composes the parts of 'A AND B' (any model); 'off' = plain CFG")
     g.add_argument("--compose-scale", type=_float_range(0.0, 50.0, "--compose-scale"), default=None,

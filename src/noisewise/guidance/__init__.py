@@ -7,6 +7,7 @@
 See ``docs/guidance.md``.
 """
 
+from .compose import ComposedDenoiser, Composition
 from .guided import GuidedDenoiser, check_scale, conditional_denoiser, describe, from_space, to_space
 from .methods import (
     APG,
@@ -30,7 +31,8 @@ from .methods import (
 )
 
 __all__ = [
-    "GuidedDenoiser", "conditional_denoiser", "check_scale", "describe", "to_space", "from_space",
+    "GuidedDenoiser", "ComposedDenoiser", "Composition", "conditional_denoiser", "check_scale", "describe",
+    "to_space", "from_space",
     "GuidanceOption", "CFG", "Rescale", "Interval", "DynamicThreshold", "APG", "CFGZeroStar", "CFGPlusPlus",
     "Autoguidance", "OPTIONS", "guidance_methods", "parse_guidance",
     "cfg", "rescale", "apg", "cfg_zero_star", "dynamic_threshold", "cfgpp_scale",
