@@ -184,3 +184,26 @@ def test_batch_timing_and_choice():
     assert T.choose_batch({512: 0.1, 1024: 0.2}) == 512
     with pytest.raises(ValueError, match="no timings"):
         T.choose_batch({})
+
+
+def test_export_carries_the_shipped_generation_defaults(tmp_path):
+    """Re-exported (fine-tuned) models get the shipped folders' generation defaults, so a probe of
+    the fine-tuned and the shipped models compares like with like."""
+    import importlib.util
+    import json
+
+    script = SHIPPED.parent.parent.parent / "train" / "train_shapes.py"
+    spec = importlib.util.spec_from_file_location("train_shapes", script)
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in ("vae.safetensors", "unet-vp.safetensors"):
+        (flat / f).write_bytes(b"weights")
+    (flat / "vae.json").write_text(json.dumps({"scaling_factor": 0.5}))
+    ts.export(flat, tmp_path / "out")
+    got = json.loads((tmp_path / "out" / "shapes-vp" / "model_index.json").read_text())["_noisewise"]["defaults"]
+    shipped = json.loads((SHIPPED / "shapes-vp" / "model_index.json").read_text())["_noisewise"]["defaults"]
+    assert got == shipped
+    assert (tmp_path / "out" / "shapes-vp" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
+    assert not (tmp_path / "out" / "shapes-flow").exists()  # no weights for it: skipped

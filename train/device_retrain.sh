@@ -8,7 +8,7 @@
 # ~42 MiB of the repository exceed the device tool's 64 MiB); .minilm/ and .whl/ are used if present.
 # Steps: guidance cost (bench_guidance.py --only cost) -> render N fresh training images (seed 1,
 # 60% two-object scenes) ->
-# encode them with the shipped VAE and the captions with the MiniLM (once, for both) -> time a few
+# encode them with the shipped VAE (and, with CAPTIONS_ONCE=1, the captions once for both) -> time a few
 # batch sizes and pick one -> both denoisers in parallel from the shipped weights (EMA weights copied
 # to $OUT every 20 s) -> a 256-prompt probe of the fine-tuned and the shipped models at the default.
 #
@@ -23,7 +23,8 @@ HELDOUT=${HELDOUT:-500}
 WORKERS=${WORKERS:-16}
 UNET_S=${UNET_S:-300}         # training-loop seconds per denoiser (both in parallel), capped to fit DEADLINE
 DEADLINE=${DEADLINE:-525}     # seconds from the start by which everything (probe included) should be done
-TAIL=${TAIL:-75}              # what follows the training loops: process start, final export, probe
+TAIL=${TAIL:-100}             # what is not training loop from here on: the unet processes' start (and
+                              # caption encoding), final export, probe
 LR=${LR:-2e-4}                # peak learning rate at batch 512 (the shipped run: 5e-4 from scratch);
                               # scaled by sqrt(batch / 512) for larger batches, at most 5e-4
 WARMUP=${WARMUP:-100}
@@ -31,6 +32,9 @@ BATCHES=${BATCHES:-"512 1024 2048 4096"}
 TIME_S=${TIME_S:-2.5}         # timing per batch size
 PROBE=${PROBE:-256}
 COST=${COST:-1}
+CAPTIONS_ONCE=${CAPTIONS_ONCE:-0}  # 1: encode the captions once into <run>/captions.pt for both denoisers
+                              # (~25 KB per distinct caption, ~8 GB for 200,000 images); 0: each denoiser's
+                              # process encodes them itself on the GPU, as device_run.sh did
 MINILM=${MINILM:-.minilm}
 R=${RUN:-/tmp/retrain}
 : "${OUT:?set OUT to the folder that comes back}"
@@ -72,15 +76,19 @@ copy_out() {  # the EMA weights (fp16), written atomically into $OUT (their logs
   fi
   stamp data
   $T data --run "$R" --n "$N" --heldout "$HELDOUT" --seed 1 --two-objects "$TWO" --workers "$WORKERS" || exit 1
-  stamp "latents (shipped VAE) + captions"
+  stamp "latents (shipped VAE), token check$([ "$CAPTIONS_ONCE" = 1 ] && echo ', captions')"
   $T latents --run "$R" --vae $W/shapes-vae --evaluator $W/shapes-evaluator --device "$DEVICE" > "$R/latents.log" 2>&1 &
   P1=$!
-  $T captions --run "$R" --text-encoder "$MINILM" --device "$DEVICE" > "$R/captions.log" 2>&1 &
-  P2=$!
+  : > "$R/captions.log"
+  P2=
+  if [ "$CAPTIONS_ONCE" = 1 ]; then
+    $T captions --run "$R" --text-encoder "$MINILM" --device "$DEVICE" > "$R/captions.log" 2>&1 &
+    P2=$!
+  fi
   : > "$R/check.log"
   [ -f "$PACK/minilm/pack.json" ] && python3 train/pack_for_device.py check --run "$R" --src "$PACK/minilm" > "$R/check.log" 2>&1 &
   wait $P1 || { cat "$R/latents.log"; exit 1; }
-  wait $P2 || { cat "$R/captions.log"; exit 1; }
+  [ -z "$P2" ] || wait $P2 || { cat "$R/captions.log"; exit 1; }
   wait
   grep -hv Warning "$R/latents.log" "$R/captions.log" "$R/check.log"
   stamp "batch sizes"

@@ -76,8 +76,8 @@ def cmd_data(a: argparse.Namespace) -> None:
     log.info("rendered %d + 2 x %d images in %.1f s -> %s", a.n, a.heldout, time.time() - t, out)
 
 
-def _data(a: argparse.Namespace) -> ShapesData:
-    return ShapesData.load(Path(a.run) / "data")
+def _data(a: argparse.Namespace, mmap: bool = False) -> ShapesData:
+    return ShapesData.load(Path(a.run) / "data", mmap=mmap)
 
 
 def cmd_vae(a: argparse.Namespace) -> None:
@@ -158,7 +158,7 @@ def _caption_states(a: argparse.Namespace, data: ShapesData) -> tuple[torch.Tens
 
 def cmd_captions(a: argparse.Namespace) -> None:
     """Encode the captions once for both denoisers (``unet`` reads ``<run>/captions.pt``)."""
-    data = _data(a)
+    data = _data(a, mmap=True)
     t = time.time()
     states, index = T.encode_captions(_text_encoder(a), data.captions)
     log.info("encoded %d distinct captions in %.1f s", len(states), time.time() - t)
@@ -182,7 +182,7 @@ def cmd_latents(a: argparse.Namespace) -> None:
     vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).to(a.device).eval()
     t = time.time()
     with torch.no_grad():
-        mean, std, _ = T.encode_latents(vae, _data(a).images)
+        mean, std, _ = T.encode_latents(vae, _data(a, mmap=True).images)
     scale = float(vae.config.scaling_factor)
     torch.save({"mean": mean.cpu(), "std": std.cpu(), "scaling_factor": scale}, run / "latents.pt")
     (run / "export").mkdir(parents=True, exist_ok=True)
@@ -209,7 +209,7 @@ def cmd_batch_times(a: argparse.Namespace) -> None:
 
 def cmd_unet(a: argparse.Namespace) -> None:
     run = Path(a.run)
-    data = _data(a)
+    data = _data(a, mmap=True)  # the captions only (the latents come from latents.pt)
     lat = torch.load(run / "latents.pt")
     states, index = _caption_states(a, data)
     init = T.load_unet_weights(a.init_from) if a.init_from else None
@@ -243,12 +243,26 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def shipped_defaults() -> dict[str, dict[str, Any]]:
+    """The generation defaults in the shipped folders' ``model_index.json`` (MODEL_DEFAULTS where
+    there is none), so re-exported or fine-tuned models are probed with the shipped settings."""
+    out = {}
+    for kind in ("vp", "flow"):
+        f = Path(__file__).resolve().parent.parent / "src/noisewise/weights" / f"shapes-{kind}" / "model_index.json"
+        try:
+            out[kind] = json.loads(f.read_text())["_noisewise"]["defaults"]
+        except (OSError, KeyError, ValueError):
+            out[kind] = MODEL_DEFAULTS[kind]
+    return out
+
+
 def export(flat: Path, dest: Path, defaults: dict[str, dict[str, Any]] | None = None) -> None:
-    """Assemble ``shapes-vae``, ``shapes-vp``, ``shapes-flow`` and ``shapes-evaluator`` folders."""
+    """Assemble ``shapes-vae``, ``shapes-vp``, ``shapes-flow`` and ``shapes-evaluator`` folders
+    (generation defaults: ``defaults``, else the shipped folders')."""
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    defaults = defaults or MODEL_DEFAULTS
+    defaults = defaults or shipped_defaults()
     vae_meta = json.loads((flat / "vae.json").read_text()) if (flat / "vae.json").is_file() else {}
     scale = float(vae_meta.get("scaling_factor", 1.0))
     vae_dir = dest / "shapes-vae"
