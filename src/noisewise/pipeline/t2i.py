@@ -307,16 +307,22 @@ class Pipeline:
                 level (default 0.8; 1 ignores the image, 0 returns it).
             preset: ``"realtime"``, ``"balanced"`` or ``"quality"`` (:mod:`noisewise.pipeline.presets`):
                 sampler, steps, guidance and sampler options; explicit arguments override it.
-            compose: composable guidance (:mod:`noisewise.pipeline.compose`): ``"and"`` splits a
-                prompt at upper-case ``AND``, ``"objects"`` also into the object phrases of a shapes
-                prompt; each component adds ``compose_scale * (D(component) - D(negative))`` to the
-                guided prediction, all rows in one batched forward. Prompts with fewer than two
-                components get plain CFG. Default: the model's (``"off"``).
-            compose_scale: weight of each component (default: the model's, else 1).
+            compose: prompt composition (``docs/composition.md``; all rows in one batched forward):
+                ``"regions"`` lays out the two objects of a shapes prompt (a free position is drawn
+                from the seed) and guides each with its own phrase inside a soft region around its
+                position (the shapes models' default); ``"and"`` adds
+                ``compose_scale * (D(part) - D(negative))`` per part of an upper-case ``A AND B``
+                prompt (any model); ``"objects"`` does that with the object phrases of a shapes
+                prompt; ``"binding"`` contrasts against the wrongly bound prompts; ``"layout"`` only
+                writes the chosen positions into the prompt; ``"off"`` = plain CFG. Prompts with
+                fewer than two components get plain CFG. Default: the model's, else ``"off"``.
+            compose_scale: weight of each component (regions: 1 = inside its region the object's
+                phrase replaces the prompt; default: the model's, else 1).
             compose_full_scale: guidance scale on the full prompt of a composed prompt (default:
                 ``guidance_scale``; 0 = the components alone, Liu et al.'s AND).
             phrase_states: ``"replace"`` or ``"mean"``: encode each object phrase on its own and put
                 its token states into the full prompt's (shapes prompts with two objects); default off.
+            region_sigma: width of a region, a fraction of the image (default: the model's, else 0.12).
         """
         if isinstance(prompt, str) and (
             isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES
