@@ -2,11 +2,19 @@
 building the conditionings of composable guidance (:mod:`noisewise.guidance.compose`) and of
 phrase-wise text states.
 
-Modes (``pipe(prompt, compose=...)``):
+Modes (``pipe(prompt, compose=...)``; ``docs/composition.md`` has the measurements):
 
-- ``"and"``: the parts of a prompt joined by an upper-case ``AND`` (any model);
-- ``"objects"``: the ``AND`` parts if there are any, otherwise the object phrases of a shapes prompt
-  (:func:`noisewise.shapes.phrases.object_phrases`), each with the prompt's background phrase;
+- ``"regions"`` (the shapes models' default): a two-object shapes prompt is laid out
+  (:func:`noisewise.shapes.phrases.layout`: a position drawn from the seed for an object without
+  one) and each object's phrase guides inside a soft region around its position
+  (:func:`region_masks`), measured from the full prompt's prediction; ``"regions-named"`` only for
+  prompts naming both positions; ``"layout"`` only rewrites the prompt (an ablation);
+- ``"and"``: the parts of a prompt joined by an upper-case ``AND`` (any model), added as
+  ``compose_scale * (D(part) - D(negative))``;
+- ``"objects"``: the same with the ``AND`` parts if there are any, otherwise the object phrases of
+  a shapes prompt (:func:`noisewise.shapes.phrases.object_phrases`), each with the background phrase;
+- ``"binding"`` / ``"binding-exchanged"``: ``+ s (D(prompt) - mean_j D(wrong_j))`` over the wrongly
+  bound versions of a two-object prompt (:func:`noisewise.shapes.phrases.binding_negatives`);
 - ``"off"`` (or None): plain classifier-free guidance.
 
 A prompt with fewer than two components is sampled with plain CFG (no extra rows).
