@@ -254,3 +254,31 @@ def test_cli_generate_compose_records_the_composition(tmp_path, pipe) -> None:
     assert meta["compose"] == "regions" and meta["region_sigma"] == 0.1 and len(meta["components"]) == 2
     ref = pipe(prompt, steps=2, seed=5, compose="regions", region_sigma=0.1)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out-0.png").convert("RGB")), ref.images[0])
+
+
+def test_phrase_states_put_each_phrase_encoded_alone_into_the_prompt(pipe) -> None:
+    from noisewise.pipeline.compose import phrase_states
+
+    prompt = "a green cross on the left and a yellow triangle"
+    full = pipe.encode_prompt([prompt])
+    out = phrase_states(pipe, [prompt], full, "replace")
+    alone = pipe.encode_prompt(["a green cross on the left", "a yellow triangle"])
+    # tokens: [CLS] a green cross on the left and a yellow triangle [SEP]
+    assert torch.equal(out[0, 1:7], alone[0, 1:7]) and torch.equal(out[0, 8:11], alone[1, 1:4])
+    assert torch.equal(out[0, 7], full[0, 7]) and torch.equal(out[0, 0], full[0, 0])  # "and", [CLS] kept
+    mean = phrase_states(pipe, [prompt], full, "mean")
+    assert torch.allclose(mean[0, 1:7], 0.5 * (full[0, 1:7] + alone[0, 1:7]))
+    one = pipe.encode_prompt(["a red circle"])
+    assert torch.equal(phrase_states(pipe, ["a red circle"], one), one)
+
+
+def test_pipeline_binding_and_objects_modes_send_their_rows(pipe) -> None:
+    prompt = "a red circle on the left and a blue square on the right"
+    spy = RowSpy(pipe)
+    res = pipe(prompt, seed=0, steps=2, compose="binding", compose_scale=1.0, model=spy)
+    negs = binding_negatives(prompt)
+    assert res.metadata[0]["components"] == [t[2] for t in negs] and len(negs) == 7
+    assert spy.rows == [1 + 1 + 7] * 2 and res.metadata[0]["compose_full_scale"] == 3.0  # w + s
+    spy = RowSpy(pipe)
+    res = pipe(prompt, seed=0, steps=2, compose="objects", compose_full_scale=0.0, model=spy)
+    assert spy.rows == [1 + 2] * 2  # guide + the two objects, no full-prompt row at full scale 0
