@@ -76,6 +76,13 @@ def test_two_object_prompt_is_composed_by_default_like_the_pipeline(client, pipe
     assert np.array_equal(_png(r.json()["images"][0]["png_base64"]), direct.images[0])
     meta = r.json()["images"][0]["metadata"]
     assert meta["compose"] == "regions" and meta["components"] == direct.metadata[0]["components"]
+    off = client.post("/v1/generate", json={"prompt": prompt, "steps": STEPS, "seed": 7, "compose": "off"})
+    assert off.status_code == 200, off.text
+    assert "compose" not in off.json()["images"][0]["metadata"]
+    assert np.array_equal(_png(off.json()["images"][0]["png_base64"]), pipe(prompt, steps=STEPS, seed=7,
+                                                                             compose="off").images[0])
+    bad = client.post("/v1/generate", json={"prompt": prompt, "compose": "everything"})
+    assert bad.status_code == 422 and "compose" in bad.text
 
 
 def test_concurrent_mixed_requests_are_batched_and_match_solo_runs(client, pipe):

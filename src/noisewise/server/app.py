@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -54,6 +54,10 @@ class GenerateRequest(BaseModel):
     sampler: str | None = Field(None, pattern=NAME_PATTERN, description="a sampler from GET /v1/samplers")
     steps: int | None = Field(None, ge=1, le=1000, description="sampler steps (server limit applies)")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="classifier-free guidance scale")
+    compose: Literal["off", "and", "regions"] | None = Field(
+        None, description="prompt composition (docs/composition.md): 'regions' guides each object of a two-object "
+                          "shapes prompt in its own region (the shapes models' default), 'and' composes the parts of "
+                          "'A AND B', 'off' = plain classifier-free guidance; null = the model's default")
     seed: int | None = Field(None, ge=0, le=2**62, description="image i uses seed + i; null = random")
     num_images: int = Field(1, ge=1, le=64, description="images for this prompt (server limit applies)")
     image: Annotated[InitImage | None, WithJsonSchema({"anyOf": [{"type": "string", "contentEncoding": "base64"},
