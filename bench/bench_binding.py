@@ -63,6 +63,9 @@ for _s in (0.5, 1.0):
         VARIANTS[f"regions-s{_s:g}-sig{_sig:g}"] = {"compose": "regions", "compose_scale": _s, "region_sigma": _sig}
         VARIANTS[f"regions-named-s{_s:g}-sig{_sig:g}"] = {"compose": "regions-named", "compose_scale": _s,
                                                          "region_sigma": _sig}
+VARIANTS["regions-s1.25-sig0.12"] = {"compose": "regions", "compose_scale": 1.25, "region_sigma": 0.12}
+VARIANTS["regions-s1-sig0.1"] = {"compose": "regions", "compose_scale": 1.0, "region_sigma": 0.1}
+VARIANTS["regions-s1-sig0.14"] = {"compose": "regions", "compose_scale": 1.0, "region_sigma": 0.14}
 VARIANTS["layout-only"] = {"compose": "layout"}  # the layout's prompt, plain CFG
 VARIANTS["regions-s1-sig0.09"] = {"compose": "regions", "compose_scale": 1.0, "region_sigma": 0.09}
 VARIANTS["regions-s1.5-sig0.12"] = {"compose": "regions", "compose_scale": 1.5, "region_sigma": 0.12}
@@ -124,7 +127,7 @@ def main() -> None:
             n2 = len(two) * a.seeds
             r: dict[str, Any] = {
                 "by_objects": {k: {m: acc[m] for m in ATTRS} for k, acc in b["by_objects"].items()},
-                "binding_images": b["binding_images"], "binding": b["binding"],
+                "binding_images": b["binding_images"], "binding": b["binding"], "missing": b["missing"],
                 "fd": frechet_distance(ev.features(x), f_ref),
                 "fd_two": frechet_distance(ev.features(x[:n2]), f_ref[:n2]),
                 "rows_per_image": counter.rows / len(rep), "seconds": secs, "images": len(rep),
@@ -132,6 +135,7 @@ def main() -> None:
             results[f"{name} | {v}"] = r
             print(f"{name} | {v}", json.dumps({k: {m: round(val, 3) for m, val in acc.items()}
                                                 for k, acc in r["by_objects"].items()}),
+                  f"missing(2) {b['missing'].get('2', [0, 0])} "
                   f"fd {r['fd']:.1f} fd2 {r['fd_two']:.1f} rows/img {r['rows_per_image']:.1f} {secs:.0f}s", flush=True)
     meta = {
         "command": "python " + " ".join(sys.argv),
