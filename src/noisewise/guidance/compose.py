@@ -28,7 +28,18 @@ import torch
 
 from ..core.grid import Level
 from ..models.denoiser import ModelDenoiser
-from .guided import CondDenoise, _cat, _check_cond, _map, _same_layout, _slice, _take, check_scale, conditional_denoiser
+from .guided import (
+    CondDenoise,
+    _cat,
+    _check_cond,
+    _leaves,
+    _map,
+    _same_layout,
+    _slice,
+    _take,
+    check_scale,
+    conditional_denoiser,
+)
 
 Tensor = torch.Tensor
 
@@ -102,8 +113,6 @@ class ComposedDenoiser:
         if cond is None or guide is None:
             raise ValueError("composable guidance needs cond= (the full prompt) and a guiding branch (uncond= or "
                              "negative=)")
-        from .guided import _leaves
-
         if batch is None:
             batch = _leaves(cond)[0].shape[0]
         self.batch = batch
