@@ -463,14 +463,8 @@ def train_denoiser(
         z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, device=dev, generator=gen))
         z0 = z0 * scaling_factor
         cond = states[cidx[idx, k]].float()
-        with _autocast(dev, precision):
-            loss = denoiser_loss(kind, unet, z0, cond, gen, acp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        loss = _denoiser_update(kind, unet, ema, opt, z0, cond, gen, acp, dev, precision, step, ema_decay)
         sched.step()
-        _ema_update(ema, unet, step, ema_decay)
         return loss
 
     def save(step: int) -> None:
@@ -482,6 +476,19 @@ def train_denoiser(
                       checkpoint=save, checkpoint_every_s=checkpoint_every_s, progress=progress, stop_at=stop_at)
     save(done)
     return ema, plan
+
+
+def _denoiser_update(kind: Kind, unet: Any, ema: torch.nn.Module, opt: Any, z0: Tensor, cond: Tensor, gen: Any,
+                     acp: Tensor | None, dev: torch.device, precision: str, step: int, ema_decay: float) -> Tensor:
+    """One training update of a denoiser (loss, backward, clipping, optimizer, EMA); returns the loss."""
+    with _autocast(dev, precision):
+        loss = denoiser_loss(kind, unet, z0, cond, gen, acp)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    _ema_update(ema, unet, step, ema_decay)
+    return loss
 
 
 def time_denoiser_steps(
@@ -510,13 +517,7 @@ def _time_steps(kind: Kind, bs: int, seconds: float, dev: torch.device, precisio
     cond = torch.randn((bs, *text_shape), device=dev, generator=gen)
 
     def step(i: int) -> None:
-        with _autocast(dev, precision):
-            loss = denoiser_loss(kind, unet, z0, cond, gen, acp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        _ema_update(ema, unet, i, 0.999)
+        _denoiser_update(kind, unet, ema, opt, z0, cond, gen, acp, dev, precision, i, 0.999)
 
     def sync() -> None:
         if dev.type == "cuda":
