@@ -239,6 +239,19 @@ def test_pipeline_and_syntax_and_errors(pipe) -> None:
         pipe("a red circle", compose="regions", region_sigma=5.0)
 
 
+def test_a_guidance_method_turns_the_default_composition_off(pipe) -> None:
+    """The shapes models compose two-object prompts by default; asking for a guidance method (APG here)
+    gets that method on plain CFG terms, and an explicit composition with one is a clear error."""
+    two = "a red circle on the left and a blue square on the right"
+    assert pipe.defaults["compose"] == "regions"
+    spy = RowSpy(pipe)
+    res = pipe(two, seed=1, steps=3, guidance="apg", model=spy)
+    assert spy.rows == [2] * 3 and "compose" not in res.metadata[0]
+    assert np.array_equal(res.images, pipe(two, seed=1, steps=3, guidance="apg", compose="off").images)
+    with pytest.raises(ValueError, match="compose='off'"):
+        pipe(two, steps=3, guidance="apg", compose="regions")
+
+
 def test_cli_generate_compose_records_the_composition(tmp_path, pipe) -> None:
     import json
 

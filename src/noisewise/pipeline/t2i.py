@@ -315,7 +315,8 @@ class Pipeline:
                 prompt (any model); ``"objects"`` does that with the object phrases of a shapes
                 prompt; ``"binding"`` contrasts against the wrongly bound prompts; ``"layout"`` only
                 writes the chosen positions into the prompt; ``"off"`` = plain CFG. Prompts with
-                fewer than two components get plain CFG. Default: the model's, else ``"off"``.
+                fewer than two components get plain CFG. Default: the model's, else ``"off"``; with a
+                ``guidance=`` method (APG, CFG++, ...) the default is ``"off"`` (the two do not combine).
             compose_scale: weight of each component (regions: 1 = inside its region the object's
                 phrase replaces the prompt; default: the model's, else 1).
             compose_full_scale: guidance scale on the full prompt of a composed prompt (default:
@@ -352,7 +353,13 @@ class Pipeline:
         from .compose import REGION_SIGMA, build, check_mode, check_phrase_mode
         from .compose import phrase_states as _phrase_states
 
+        if compose is None and sampler_options.get("guidance") is not None:
+            compose = "off"  # a guidance method was asked for: the model's default composition yields to it
         mode = check_mode(compose if compose is not None else self.defaults.get("compose"))
+        if mode != "off" and sampler_options.get("guidance") is not None:
+            raise ValueError(f"compose={mode!r} combines plain classifier-free guidance terms and cannot be used "
+                             f"with guidance={sampler_options['guidance']!r}; pass compose='off' to use the "
+                             "guidance method, or leave guidance out")
         c_scale = _check_weight(compose_scale if compose_scale is not None else self.defaults.get("compose_scale", 1.0),
                                 "compose_scale")
         c_full = _check_weight(w if compose_full_scale is None else compose_full_scale, "compose_full_scale")
