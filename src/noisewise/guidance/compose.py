@@ -32,10 +32,10 @@ from .guided import (
     CondDenoise,
     _cat,
     _check_cond,
+    _ChunkedForward,
     _leaves,
     _map,
     _same_layout,
-    _slice,
     _take,
     check_scale,
     conditional_denoiser,
@@ -80,7 +80,7 @@ class Composition:
         return len(self.owner)
 
 
-class ComposedDenoiser:
+class ComposedDenoiser(_ChunkedForward):
     """Composable guidance around a conditional denoiser; itself a denoiser ``D(x, level) -> x0``.
 
     Args:
@@ -147,9 +147,7 @@ class ComposedDenoiser:
         self._full_idx = None if bool(full.all()) else full.nonzero().reshape(-1)
         counts = torch.bincount(self.owner, minlength=batch) if self.owner.numel() else torch.zeros(batch)
         self.branches = int((1 + full.long() + counts.long()).max())
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"max_batch must be an integer >= 1 (rows per network call), got {max_batch!r}")
-        self.max_batch = max_batch
+        self._set_max_batch(max_batch)
         self.nfe = self.calls = self.rows = 0
         self._dev: dict[tuple[torch.device, torch.dtype], tuple[Any, ...]] = {}
 
@@ -173,20 +171,6 @@ class ComposedDenoiser:
             self._dev[key] = (fi, ws.to(like.device, like.dtype).reshape(shape), self.owner.to(like.device), wc)
         return self._dev[key]
 
-    def _forward(self, x: Tensor, level: Level, cond: Any) -> Tensor:
-        n = x.shape[0]
-        if self.max_batch is None or n <= self.max_batch:
-            self.calls += 1
-            self.rows += n
-            return self.denoise(x, level, cond)
-        outs = []
-        for a in range(0, n, self.max_batch):
-            b = min(n, a + self.max_batch)
-            self.calls += 1
-            self.rows += b - a
-            outs.append(self.denoise(x[a:b], level, _slice(cond, a, b)))
-        return torch.cat(outs, dim=0)
-
     def __call__(self, x: Tensor, level: Level) -> Tensor:
         B = x.shape[0]
         if B != self.batch:
@@ -202,7 +186,7 @@ class ComposedDenoiser:
         if nc:
             xs.append(x.index_select(0, owner))
             conds.append(self.comp_cond)
-        out = self._forward(torch.cat(xs, dim=0), level, _cat(conds))
+        out = self._forward(self.denoise, torch.cat(xs, dim=0), level, _cat(conds))
         self.nfe += self.branches
         u = out[:B]
         g = u.clone()

@@ -208,7 +208,35 @@ def conditional_denoiser(model_denoiser: ModelDenoiser) -> CondDenoise:
     return D
 
 
-class GuidedDenoiser:
+class _ChunkedForward:
+    """Network calls of a guided denoiser: at most ``max_batch`` rows per call (None: one call),
+    counted in ``calls`` and ``rows``."""
+
+    max_batch: int | None
+    calls: int
+    rows: int
+
+    def _set_max_batch(self, max_batch: int | None) -> None:
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be an integer >= 1 (rows per network call), got {max_batch!r}")
+        self.max_batch = max_batch
+
+    def _forward(self, fn: CondDenoise, x: Tensor, level: Level, cond: Any) -> Tensor:
+        n = x.shape[0]
+        if self.max_batch is None or n <= self.max_batch:
+            self.calls += 1
+            self.rows += n
+            return fn(x, level, cond)
+        outs = []
+        for a in range(0, n, self.max_batch):
+            b = min(n, a + self.max_batch)
+            self.calls += 1
+            self.rows += b - a
+            outs.append(fn(x[a:b], level, _slice(cond, a, b)))
+        return torch.cat(outs, dim=0)
+
+
+class GuidedDenoiser(_ChunkedForward):
     """Classifier-free guidance (and its family) around a conditional denoiser; itself a denoiser
     ``D(x, level) -> x0``.
 
@@ -298,9 +326,7 @@ class GuidedDenoiser:
             self.guide: CondDenoise | None = self._build_guide(self.auto)
         else:
             self.guide = None
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"max_batch must be an integer >= 1 (rows per network call), got {max_batch!r}")
-        self.max_batch = max_batch
+        self._set_max_batch(max_batch)
         self.nfe = 0
         self.calls = 0
         self.rows = 0
@@ -372,20 +398,6 @@ class GuidedDenoiser:
         if device not in self._idx:
             self._idx[device] = None if self._idx_host is None else self._idx_host.to(device)
         return self._idx[device]
-
-    def _forward(self, fn: CondDenoise, x: Tensor, level: Level, cond: Any) -> Tensor:
-        n = x.shape[0]
-        if self.max_batch is None or n <= self.max_batch:
-            self.calls += 1
-            self.rows += n
-            return fn(x, level, cond)
-        outs = []
-        for a in range(0, n, self.max_batch):
-            b = min(n, a + self.max_batch)
-            self.calls += 1
-            self.rows += b - a
-            outs.append(fn(x[a:b], level, _slice(cond, a, b)))
-        return torch.cat(outs, dim=0)
 
     def __call__(self, x: Tensor, level: Level) -> Tensor:
         B = x.shape[0]
