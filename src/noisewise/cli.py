@@ -120,24 +120,23 @@ def cmd_generate(a: argparse.Namespace) -> int:
     image = None
     init_info: dict[str, Any] = {}
     if a.image is not None:
-        import hashlib
         import io
 
         import numpy as np
+
+        from .server.service import InitImage
 
         try:
             from PIL import Image
 
             data = Path(a.image).read_bytes()
             with Image.open(io.BytesIO(data)) as im:
-                fmt = str(im.format).lower()
-                image = np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                init = InitImage.of(data, np.asarray(im.convert("RGB"), dtype=np.uint8), str(im.format))
         except (OSError, ImportError, ValueError, SyntaxError) as e:
             raise UserError(f"cannot read --image {a.image!r}: {e}") from None
+        image = init.pixels
         # what identifies the init image, as the server records it: the file's and the pixels' SHA-256
-        init_info = {"init_image": {"path": str(a.image), "sha256": hashlib.sha256(data).hexdigest(),
-                                    "pixels_sha256": hashlib.sha256(image.tobytes()).hexdigest(), "format": fmt,
-                                    "size": [int(image.shape[1]), int(image.shape[0])], "bytes": len(data)}}
+        init_info = {"init_image": dict(init.info(), path=str(a.image))}
     elif a.strength is not None:
         raise UserError("--strength needs --image (image-to-image)")
     try:

@@ -149,6 +149,15 @@ class InitImage:
     format: str
     nbytes: int
 
+    @classmethod
+    def of(cls, data: bytes, pixels: np.ndarray, fmt: str) -> InitImage:
+        """The record of a file's bytes ``data`` decoded to RGB uint8 ``pixels`` (format ``fmt``)."""
+        import hashlib
+
+        pixels = np.ascontiguousarray(pixels)
+        return cls(pixels, hashlib.sha256(data).hexdigest(), hashlib.sha256(pixels.tobytes()).hexdigest(), fmt,
+                   len(data))
+
     @property
     def size(self) -> tuple[int, int]:
         return int(self.pixels.shape[1]), int(self.pixels.shape[0])
@@ -189,7 +198,6 @@ def decode_image_bytes(data: bytes, *, max_bytes: int, max_pixels: int, what: st
                        where: str = " (GET /v1/limits)") -> InitImage:
     """A PNG/JPEG file's bytes -> :class:`InitImage` (ValueError naming ``what`` and the fix otherwise;
     ``where`` tells where the limits are listed)."""
-    import hashlib
 
     from PIL import Image, UnidentifiedImageError
 
@@ -214,9 +222,7 @@ def decode_image_bytes(data: bytes, *, max_bytes: int, max_pixels: int, what: st
             raise ValueError(f"{what} could not be decoded as {im.format} ({e}); send an intact PNG or "
                              "JPEG file") from None
         fmt = str(im.format)
-    pixels = np.ascontiguousarray(pixels)
-    return InitImage(pixels, hashlib.sha256(data).hexdigest(), hashlib.sha256(pixels.tobytes()).hexdigest(),
-                     fmt, len(data))
+    return InitImage.of(data, pixels, fmt)
 
 
 def supports_img2img(pipe: Any) -> bool:
