@@ -135,3 +135,27 @@ def test_image_to_image_items(tmp_path):
         p.write_text(json.dumps(line) + "\n")
         with pytest.raises(ValueError, match=r"img.jsonl:1: " + re.escape(words)):
             jobs.read_items(p)
+
+
+def test_compose_field_and_default(tmp_path):
+    from noisewise.pipeline import Pipeline
+
+    prompt = "a red circle on the left and a blue square on the right"
+    p = tmp_path / "compose.jsonl"
+    p.write_text(json.dumps({"prompt": prompt, "compose": "off", "steps": 2, "seed": 1, "id": "off"}) + "\n"
+                 + json.dumps({"prompt": prompt, "steps": 2, "seed": 1, "id": "default"}) + "\n")
+    items = jobs.read_items(p, jobs.JobDefaults(compose="regions"))
+    assert [i["compose"] for i in items] == ["off", "regions"]  # the line wins over the job default
+    out = tmp_path / "out"
+    assert jobs.run_batch(items, out, progress=False).done == 2
+    pipe = Pipeline.from_pretrained("shapes-vp")
+    for item_id, mode in (("off", "off"), ("default", "regions")):
+        rec = json.loads((out / f"{item_id}.json").read_text())
+        direct = pipe(prompt, compose=mode, steps=2, seed=1)
+        assert np.array_equal(_images(out, rec)[0], direct.images[0]) and rec["nfe"] == direct.nfe
+        assert rec["metadata"][0].get("compose", "off") == mode
+    off, default = (json.loads((out / f"{k}.json").read_text())["nfe"] for k in ("off", "default"))
+    assert default > off  # the regions rows were spent
+    p.write_text(json.dumps({"prompt": prompt, "compose": "region"}) + "\n")
+    with pytest.raises(ValueError, match=r"compose.jsonl:1: compose must be one of off, and, regions"):
+        jobs.read_items(p)

@@ -33,7 +33,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
     from ..serving.jobs import JobDefaults, read_items, run_batch
 
     d = JobDefaults(model=a.model, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale,
-                    negative_prompt=a.negative_prompt, base_seed=a.seed)
+                    negative_prompt=a.negative_prompt, compose=a.compose, base_seed=a.seed)
     try:
         items = read_items(a.prompts, d)
     except (OSError, ValueError) as e:
@@ -81,8 +81,8 @@ def add_cli(sub: Any) -> None:
 
     b = sub.add_parser("batch", help="generate a JSONL file of prompts into a folder (local or Ray)",
                        description="Each line: {\"prompt\": ..., optional negative_prompt, model, sampler, steps, "
-                                   "guidance_scale, seed, num_images, id, image (a PNG/JPEG path relative to the "
-                                   "file: image-to-image), strength}. Resumable: finished items are skipped.")
+                                   "guidance_scale, compose, seed, num_images, id, image (a PNG/JPEG path relative "
+                                   "to the file: image-to-image), strength}. Resumable: finished items are skipped.")
     b.add_argument("prompts", help="JSONL file, one item per line")
     b.add_argument("--out", required=True, help="output folder (<id>.png + <id>.json per item)")
     b.add_argument("--engine", choices=["local", "ray"], default="local")
@@ -94,6 +94,8 @@ def add_cli(sub: Any) -> None:
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--guidance-scale", type=float, default=None)
     b.add_argument("--negative-prompt", default=None)
+    b.add_argument("--compose", choices=["off", "and", "regions"], default=None,
+                   help="prompt composition for items without one (docs/composition.md); default: the model's")
     b.add_argument("--seed", type=int, default=0, help="items without a seed use seed + line index")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_batch)

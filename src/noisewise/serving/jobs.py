@@ -1,7 +1,7 @@
 """Batch jobs: ``noisewise batch prompts.jsonl --out DIR`` on a local engine or a Ray actor pool.
 
 Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "model"?, "sampler"?,
-"steps"?, "guidance_scale"?, "seed"?, "num_images"?, "id"?, "image"?, "strength"?}``; missing fields
+"steps"?, "guidance_scale"?, "compose"?, "seed"?, "num_images"?, "id"?, "image"?, "strength"?}``; missing fields
 take the job's defaults, a missing seed is ``base_seed + line index`` (so a job is reproducible as a
 whole). ``image`` (a PNG/JPEG path, relative to the JSONL file's folder) and ``strength`` make the item
 image-to-image, as over HTTP: the driver reads and checks each picture once when the file is read
@@ -29,8 +29,9 @@ from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
-ITEM_FIELDS = ("id", "prompt", "negative_prompt", "model", "sampler", "steps", "guidance_scale", "seed", "num_images",
-               "image", "strength")
+ITEM_FIELDS = ("id", "prompt", "negative_prompt", "model", "sampler", "steps", "guidance_scale", "compose", "seed",
+               "num_images", "image", "strength")
+COMPOSE_MODES = ("off", "and", "regions")  # as over HTTP (docs/composition.md); None = the model's default
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -43,6 +44,7 @@ class JobDefaults:
     steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    compose: str | None = None
     num_images: int = 1
     base_seed: int = 0
 
@@ -77,12 +79,16 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
                 "sampler": raw.get("sampler", d.sampler),
                 "steps": raw.get("steps", d.steps),
                 "guidance_scale": raw.get("guidance_scale", d.guidance_scale),
+                "compose": raw.get("compose", d.compose),
                 "seed": int(raw.get("seed", d.base_seed + index)),
                 "num_images": int(raw.get("num_images", d.num_images)),
             }
             if not _ID.match(item["id"]):
                 raise ValueError(f"{path}:{n}: id {item['id']!r} must be letters, digits, '.', '_' or '-' "
                                  "(it names the output files)")
+            if item["compose"] is not None and item["compose"] not in COMPOSE_MODES:
+                raise ValueError(f"{path}:{n}: compose must be one of {', '.join(COMPOSE_MODES)} or null (the "
+                                 f"model's default), got {item['compose']!r}")
             if item["id"] in seen:
                 raise ValueError(f"{path}:{n}: duplicate id {item['id']!r}")
             seen.add(item["id"])
@@ -161,7 +167,7 @@ class ItemRunner:
             extra.update(image=init.pixels, strength=item["strength"])
         res = pipe(item["prompt"], negative_prompt=item["negative_prompt"], num_images=item["num_images"],
                    seed=item["seed"], sampler=sampler, steps=item["steps"], guidance_scale=item["guidance_scale"],
-                   **extra)
+                   compose=item.get("compose"), **extra)
         meta = [dict(m, id=item["id"]) for m in res.metadata]
         if init is not None:  # as over HTTP: the init image's hashes and path (the pipeline records the strength)
             for m in meta:
