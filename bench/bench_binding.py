@@ -71,6 +71,10 @@ VARIANTS["regions-s1-sig0.09"] = {"compose": "regions", "compose_scale": 1.0, "r
 VARIANTS["regions-s1.5-sig0.12"] = {"compose": "regions", "compose_scale": 1.5, "region_sigma": 0.12}
 VARIANTS["regions-s1-sig0.12-w3"] = {"compose": "regions", "compose_scale": 1.0, "region_sigma": 0.12,
                                      "guidance_scale": 3.0}
+for _w in (1.5, 2.5):  # the regions default at other guidance scales
+    VARIANTS[f"regions-w{_w:g}"] = {"compose": "regions", "guidance_scale": _w}
+for _n in (15, 20):  # ... and with more sampling steps
+    VARIANTS[f"regions-steps{_n}"] = {"compose": "regions", "steps": _n}
 ATTRS = ("color", "shape", "position", "size", "all")
 
 

@@ -10,6 +10,7 @@ the same prompts.
 
     python bench/bench_model_errors.py                         # 200 prompts x 2 seeds (the documented run)
     python bench/bench_model_errors.py --prompts 20 --seeds 1 --out /tmp/x   # a quick look
+    python bench/bench_model_errors.py --missing-grid missing.png   # also: images with a requested object not drawn
 
 Writes docs/benchmarks/models_errors.md and models_errors.json (every count).
 """
@@ -29,12 +30,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import generate  # noqa: E402
+from bench_models import generate, save_grid  # noqa: E402
 from noisewise.pipeline import Pipeline  # noqa: E402
 from noisewise.pipeline.vae import tensor_to_images  # noqa: E402
 from noisewise.shapes.captions import parse_prompt, scene_for_request  # noqa: E402
 from noisewise.shapes.errors import OBJECT_ATTRIBUTES, error_breakdown, rate  # noqa: E402
-from noisewise.shapes.evaluator import Evaluator, benchmark_prompts  # noqa: E402
+from noisewise.shapes.evaluator import Evaluator, benchmark_prompts, match_objects  # noqa: E402
 from noisewise.shapes.world import COLORS, POSITIONS, SHAPES, SIZES, render  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
@@ -77,6 +78,14 @@ def markdown(meta: dict[str, Any]) -> str:
             lines.append(f"| {n} | {k} | {acc['n_images']} | " + " | ".join(
                 f3(acc[a]) for a in ("color", "shape", "position", "size", "background", "all"))
                 + f" | {f3(rate(miss))} |")
+    lines += ["", "### Requested objects not drawn, by the size the prompt asked for", "",
+              "Two-object prompts: requested objects matched to no drawn object / objects requested.", "",
+              "| run | small | large | size not named |", "|---|---|---|---|"]
+    for n in names:
+        ms = runs[n].get("missing_by_size", {}).get("2", {})
+        lines.append(f"| {n} | " + " | ".join(
+            (f"{ms[s][0]}/{ms[s][1]} ({f3(rate(ms[s]))})" if s in ms else "-") for s in ("small", "large", "unnamed"))
+            + " |")
     lines += ["", "### Binding in two-object prompts", "",
               "Object reads in two-object prompts that give the two objects different values of the attribute: "
               "how many are wrong, and how many of those wrong reads are the value the prompt gave the *other* "
@@ -129,6 +138,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--missing-grid", default=None, metavar="PNG",
+                    help="also save, one row per model, up to 16 images in which a requested object was not drawn")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -142,8 +153,16 @@ def main() -> None:
     seconds: dict[str, float] = {}
     defaults = ""
 
+    missing_rows: list[np.ndarray] = []
+
     def analyse(name: str, images: np.ndarray) -> None:
-        b = error_breakdown(rep, ev.predict(images))
+        preds = ev.predict(images)
+        b = error_breakdown(rep, preds)
+        if name not in ("renders", "VAE reconstructions"):
+            idx = [i for i, (p, pr) in enumerate(zip(rep, preds)) if None in match_objects(parse_prompt(p), pr)]
+            row = np.full((16, *images.shape[1:]), 255, np.uint8)
+            row[: min(16, len(idx))] = images[idx[:16]]
+            missing_rows.append(row)
         for k, acc in b["by_objects"].items():
             acc["n_images"] = sum(len(parse_prompt(p).objects[:2]) == int(k) for p in rep)
         runs[name] = b
@@ -173,6 +192,8 @@ def main() -> None:
         "prompts": a.prompts, "seeds": a.seeds, "images_per_run": len(rep), "defaults": defaults, "runs": runs,
     }
     (out / "models_errors.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if a.missing_grid:
+        save_grid(np.concatenate(missing_rows), 16, Path(a.missing_grid))
     md = markdown(meta)
     (out / "models_errors.md").write_text("# Where the shapes models' errors are\n\n"
                                           "(`bench/bench_model_errors.py`; summary in models.md.)\n\n" + md)

@@ -88,6 +88,11 @@ def test_error_breakdown_counts_by_hand():
     assert b["synonyms_by_objects"]["1"]["color"] == {"own name": [1, 2], "synonym": [0, 1]}
     assert b["synonyms_by_objects"]["2"]["color"] == {"own name": [1, 4], "synonym": [0, 0]}
     assert b["missing"] == {"1": [0, 3], "2": [1, 4]}
+    assert b["missing_by_size"] == {"1": {"unnamed": [0, 3]}, "2": {"unnamed": [1, 4]}}
+    sized = error_breakdown(["a tiny red circle on the left and a big blue square on the right"] * 2,
+                            [P(("square", "blue", "large", "right")),
+                             P(("circle", "red", "small", "left"), ("square", "blue", "large", "right"))])
+    assert sized["missing_by_size"] == {"2": {"large": [0, 2], "small": [1, 2]}}
     assert rate([1, 4]) == 0.25 and rate([0, 0]) != rate([0, 0])  # NaN for no data
 
 

@@ -44,7 +44,9 @@ def error_breakdown(prompts: Sequence[str], predictions: Sequence[Prediction]) -
     - ``binding_images``: the same prompts per image, both objects matched: ``{attribute:
       {"images": n, "both right": .., "exchanged": each read as the other's, "same value": both
       read with one value (one object took the other's), "other": ..}}``;
-    - ``missing``: ``{"1": [objects matched to nothing, objects requested], "2": ...}``.
+    - ``missing``: ``{"1": [objects matched to nothing, objects requested], "2": ...}``;
+    - ``missing_by_size``: the same split by the size the prompt asked for (``"small"``, ``"large"``,
+      ``"unnamed"``): ``{"2": {"small": [missing, requested], ...}, ...}``.
     """
     if len(prompts) != len(predictions):
         raise ValueError(f"one prediction per prompt: got {len(prompts)} prompts and {len(predictions)} predictions")
@@ -59,6 +61,7 @@ def error_breakdown(prompts: Sequence[str], predictions: Sequence[Prediction]) -
                       for a in OBJECT_ATTRIBUTES}
     syn_by_objects: dict[str, dict[str, dict[str, list[int]]]] = {}
     missing: dict[str, list[int]] = {}
+    missing_by_size: dict[str, dict[str, list[int]]] = {}
 
     def count_word(attr: str, word: str, ok: bool, key: str) -> None:
         w = by_word[attr].setdefault(word, [0, 0])
@@ -84,6 +87,10 @@ def error_breakdown(prompts: Sequence[str], predictions: Sequence[Prediction]) -
         m = missing.setdefault(key, [0, 0])
         m[0] += sum(o is None for o in matched)
         m[1] += len(objs)
+        for r, o in zip(objs, matched):
+            ms = missing_by_size.setdefault(key, {}).setdefault(r.size or "unnamed", [0, 0])
+            ms[0] += o is None
+            ms[1] += 1
         for k, (r, o, w) in enumerate(zip(objs, matched, words.objects)):
             other = objs[1 - k] if len(objs) == 2 else None
             for a in OBJECT_ATTRIBUTES:
@@ -126,6 +133,7 @@ def error_breakdown(prompts: Sequence[str], predictions: Sequence[Prediction]) -
         "binding": binding,
         "binding_images": binding_images,
         "missing": missing,
+        "missing_by_size": {k: dict(sorted(v.items())) for k, v in sorted(missing_by_size.items())},
     }
 
 
