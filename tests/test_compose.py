@@ -215,7 +215,8 @@ def test_pipeline_regions(pipe) -> None:
     m = res.metadata[1]
     assert m["compose"] == "regions" and len(m["components"]) == 2 and m["region_sigma"] == pytest.approx(0.12)
     assert parse_prompt(m["composed_prompt"]).objects[0].position is not None
-    assert "compose" not in res.metadata[0]
+    assert res.metadata[0]["compose"] == "regions" and "components" not in res.metadata[0]
+    assert plain.metadata[1]["compose"] == "off"  # recorded: the model's default would compose this prompt
     # the recorded parameters reproduce the image
     again = pipe(m["prompt"], seed=m["seed"], steps=4, compose=m["compose"], compose_scale=m["compose_scale"],
                  region_sigma=m["region_sigma"])
@@ -246,7 +247,7 @@ def test_a_guidance_method_turns_the_default_composition_off(pipe) -> None:
     assert pipe.defaults["compose"] == "regions"
     spy = RowSpy(pipe)
     res = pipe(two, seed=1, steps=3, guidance="apg", model=spy)
-    assert spy.rows == [2] * 3 and "compose" not in res.metadata[0]
+    assert spy.rows == [2] * 3 and res.metadata[0]["compose"] == "off" and "components" not in res.metadata[0]
     assert np.array_equal(res.images, pipe(two, seed=1, steps=3, guidance="apg", compose="off").images)
     with pytest.raises(ValueError, match="compose='off'"):
         pipe(two, steps=3, guidance="apg", compose="regions")

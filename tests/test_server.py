@@ -78,7 +78,8 @@ def test_two_object_prompt_is_composed_by_default_like_the_pipeline(client, pipe
     assert meta["compose"] == "regions" and meta["components"] == direct.metadata[0]["components"]
     off = client.post("/v1/generate", json={"prompt": prompt, "steps": STEPS, "seed": 7, "compose": "off"})
     assert off.status_code == 200, off.text
-    assert "compose" not in off.json()["images"][0]["metadata"]
+    off_meta = off.json()["images"][0]["metadata"]
+    assert off_meta["compose"] == "off" and "components" not in off_meta
     assert np.array_equal(_png(off.json()["images"][0]["png_base64"]), pipe(prompt, steps=STEPS, seed=7,
                                                                              compose="off").images[0])
     bad = client.post("/v1/generate", json={"prompt": prompt, "compose": "everything"})

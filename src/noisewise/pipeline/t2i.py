@@ -400,7 +400,8 @@ class Pipeline:
                 "size": [int(images.shape[1]), int(images.shape[2])], "noisewise": __version__,
                 **({"preset": preset} if preset is not None else {}),
                 **({"strength": sampler_options["strength"]} if "init" in sampler_options else {}),
-                **({"compose": mode, "compose_scale": c_scale, "compose_full_scale": c_full, "components": cs,
+                "compose": mode,  # always: a rerun without it would get the model's default composition
+                **({"compose_scale": c_scale, "compose_full_scale": c_full, "components": cs,
                     **({"region_sigma": sigma} if mode.startswith("regions") else {})} if cs else {}),
                 **({"composed_prompt": fp} if fp != p else {}),
                 **({"phrase_states": phrase} if phrase != "off" else {}),
