@@ -405,3 +405,19 @@ def test_server_serves_a_user_checkpoint(tmp_path: Path) -> None:
         img = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["png_base64"]))).convert("RGB"))
         direct = pipe(body["prompt"], steps=4, seed=body["seed"], guidance_scale=4.0)
         assert np.array_equal(img, direct.images[0])
+
+
+def test_a_pruned_unet_in_a_diffusers_folder_loads(sd_folder: Path, tmp_path: Path) -> None:
+    """A Stable Diffusion folder whose unet/ was replaced by noisewise.pipeline.prune.save_pruned."""
+    from noisewise.pipeline.prune import count_parameters, model_fn_for, prunable_units, prune_unet, save_pruned
+
+    folder = _copy(sd_folder, tmp_path / "m")
+    pipe = Pipeline.from_pretrained(folder)
+    units = [u for u in prunable_units(pipe.unet) if u.kind == "transformer"][:1]
+    small = prune_unet(pipe.unet, units)
+    save_pruned(small, units, folder / "unet")
+    loaded = Pipeline.from_pretrained(folder)
+    assert count_parameters(loaded.unet) == count_parameters(small) < count_parameters(pipe.unet)
+    a = loaded("a cat", steps=2, seed=1, guidance_scale=3.0)
+    b = pipe("a cat", steps=2, seed=1, guidance_scale=3.0, model=model_fn_for(small))
+    assert np.array_equal(a.images, b.images)

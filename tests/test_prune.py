@@ -231,3 +231,62 @@ def test_x0_metric_weights_rows_and_greedy_selection():
     assert chosen[0] == dead_tr  # round 1 takes the (only) transformer: the dead one
     single = measure_importance(unet, prunable_units(unet), cw, metric="x0", batch=3)
     assert greedy_select(unet, cw, heads=2, rounds=1, batch=3) == select_units(single, heads=2)
+
+
+def test_save_and_load_a_pruned_unet(tmp_path):
+    import json
+
+    from noisewise.pipeline.prune import load_pruned, save_pruned
+
+    unet = tiny_unet()
+    units = prunable_units(unet)
+    heads = [u for u in units if u.kind == "head"]
+    trans = [u for u in units if u.kind == "transformer"]
+    chosen = [heads[0], heads[-1], trans[1]]
+    small = prune_unet(unet, chosen)
+    save_pruned(small, chosen, tmp_path / "unet")
+    plan = json.loads((tmp_path / "unet" / "pruning.json").read_text())
+    assert plan["units"] == [{"kind": u.kind, "path": u.path, "head": u.head} for u in sorted(chosen)]
+    back = load_pruned(tmp_path / "unet")
+    assert count_parameters(back) == count_parameters(small) < count_parameters(unet)
+    c = _calib()
+    assert torch.equal(_out(back, c), _out(small, c))
+    assert not torch.equal(_out(back, c), _out(unet, c))
+    half = load_pruned(tmp_path / "unet", dtype=torch.float16)
+    assert next(half.parameters()).dtype == torch.float16
+    # bad input: nothing removed, a folder with other weights, a plan the weights do not fit
+    with pytest.raises(ValueError, match="no units removed"):
+        save_pruned(small, [], tmp_path / "none")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"already holds other weights \(diffusion_pytorch_model.fp16"):
+        save_pruned(small, chosen, tmp_path / "busy")
+    plan["units"] = plan["units"][:1]
+    (tmp_path / "unet" / "pruning.json").write_text(json.dumps(plan))
+    with pytest.raises(ValueError, match="do not fit the pruned architecture"):
+        load_pruned(tmp_path / "unet")
+
+
+@pytest.mark.skipif(not SHIPPED, reason="shipped shapes models not present")
+def test_a_model_folder_with_a_pruned_unet_loads_through_from_pretrained(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from noisewise.pipeline.prune import save_pruned
+    from noisewise.pipeline.t2i import resolve_model
+
+    src = resolve_model("shapes-vp")
+    for name in ("shapes-vp", "shapes-vae"):
+        shutil.copytree(src.parent / name, tmp_path / name)
+    pipe = Pipeline.from_pretrained("shapes-vp")
+    units = [u for u in prunable_units(pipe.unet) if u.kind == "head"][:3]
+    small = prune_unet(pipe.unet, units)
+    save_pruned(small, units, tmp_path / "shapes-vp" / "unet")  # replaces the copied weights file
+    loaded = Pipeline.from_pretrained(tmp_path / "shapes-vp")
+    assert count_parameters(loaded.unet) == count_parameters(small) < count_parameters(pipe.unet)
+    prompt = "a red circle on the left"
+    a = loaded(prompt, steps=3, seed=2)
+    b = pipe(prompt, steps=3, seed=2, model=model_fn_for(small))
+    assert np.array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, pipe(prompt, steps=3, seed=2).images)

@@ -382,7 +382,13 @@ def load_checkpoint(root: Path, index: dict[str, Any], family: str, *, device: s
     if family == "sd":
         if schedule.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise CheckpointError(f"{root}: unsupported prediction_type {schedule.prediction_type!r}")
-        unet = load_diffusers_model(parts["unet"], "UNet2DConditionModel", dtype, device)  # type: ignore[arg-type]
+        from .prune import is_pruned, load_pruned
+
+        if is_pruned(parts["unet"]):  # written by noisewise.pipeline.prune.save_pruned
+            require_safetensors(parts["unet"])  # type: ignore[arg-type]
+            unet = load_pruned(parts["unet"], dtype=dtype, device=device)
+        else:
+            unet = load_diffusers_model(parts["unet"], "UNet2DConditionModel", dtype, device)  # type: ignore[arg-type]
         cfg = unet.config
         if getattr(cfg, "addition_embed_type", None) or getattr(cfg, "class_embed_type", None) \
                 or getattr(cfg, "encoder_hid_dim_type", None):

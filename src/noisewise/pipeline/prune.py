@@ -409,3 +409,76 @@ def model_fn_for(unet: nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         return unet(x.to(dt), t, encoder_hidden_states=cond.to(dt)).sample
 
     return model
+
+
+# -- saving and loading a pruned UNet ---------------------------------------------------------------
+PRUNING_FILE = "pruning.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def is_pruned(folder: Any) -> bool:
+    """Whether a ``unet/`` folder holds a pruned UNet written by :func:`save_pruned`."""
+    from pathlib import Path
+
+    return (Path(folder) / PRUNING_FILE).is_file()
+
+
+def save_pruned(unet: nn.Module, units: Sequence[Unit], folder: Any) -> None:
+    """Write a pruned UNet (``prune_unet(original, units)``) to ``folder`` as a diffusers-style
+    component: ``config.json`` (the original architecture), ``pruning.json`` (the removed units) and
+    ``diffusion_pytorch_model.safetensors`` (the pruned weights). Put it in a model folder's
+    ``unet/`` and ``Pipeline.from_pretrained`` loads the pruned network (:func:`load_pruned`).
+    Refuses a folder holding other weight files, which a loader could pick up instead."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    if not hasattr(unet, "save_config"):
+        raise TypeError("save_pruned needs the pruned diffusers UNet2DConditionModel (from prune_unet)")
+    units = sorted(set(units))
+    if not units:
+        raise ValueError("no units removed: save the unpruned model with unet.save_pretrained(folder) instead")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    other = sorted(p.name for p in folder.iterdir()
+                   if p.name != WEIGHTS_FILE and p.suffix in (".safetensors", ".bin", ".pt", ".ckpt"))
+    if other:
+        raise ValueError(f"{folder} already holds other weights ({', '.join(other)}); save into an empty folder "
+                         "(or the unet/ folder of a copied model, with those files moved away)")
+    state = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    unet.save_config(str(folder))
+    plan = {"format": "noisewise-pruned-unet", "version": 1,
+            "units": [{"kind": u.kind, "path": u.path, "head": u.head} for u in units]}
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / WEIGHTS_FILE)
+    (folder / PRUNING_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+
+
+def load_pruned(folder: Any, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """The pruned UNet :func:`save_pruned` wrote: the original architecture from ``config.json``,
+    the same units removed, then the saved weights (every tensor must match: a clear error otherwise)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    plan = json.loads((folder / PRUNING_FILE).read_text())
+    if plan.get("format") != "noisewise-pruned-unet" or plan.get("version") != 1:
+        raise ValueError(f"{folder / PRUNING_FILE} is not a pruning plan this noisewise reads "
+                         f"(format {plan.get('format')!r}, version {plan.get('version')!r})")
+    units = [Unit(str(u["kind"]), str(u["path"]), int(u.get("head", -1))) for u in plan["units"]]
+    with torch.device("meta"):
+        net = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder)))
+    net = prune_unet(net, units, inplace=True)
+    state = load_file(str(folder / WEIGHTS_FILE))
+    try:
+        net.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{folder}: the saved weights do not fit the pruned architecture ({e})") from None
+    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+        raise ValueError(f"{folder}: the saved weights leave part of the pruned UNet unset")
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -152,11 +152,16 @@ class Pipeline:
             return cls(**parts, name=root.name, source=root, index=index)
         from diffusers import UNet2DConditionModel
 
+        from .prune import is_pruned, load_pruned
+
         require_safetensors(_component_dir(root, index, "unet"), "unet")
         require_safetensors(_component_dir(root, index, "vae"), "vae")
-        unet = UNet2DConditionModel.from_pretrained(str(_component_dir(root, index, "unet")), torch_dtype=dtype,
-                                                    use_safetensors=True)
-        unet = unet.eval().requires_grad_(False).to(device)
+        unet_dir = _component_dir(root, index, "unet")
+        if is_pruned(unet_dir):  # written by noisewise.pipeline.prune.save_pruned
+            unet = load_pruned(unet_dir, dtype=dtype, device=device)
+        else:
+            unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=dtype, use_safetensors=True)
+            unet = unet.eval().requires_grad_(False).to(device)
         codec = LatentCodec.from_pretrained(_component_dir(root, index, "vae"), dtype=dtype)
         codec.vae.to(device)
         schedule = Schedule.from_diffusers(_component_dir(root, index, "scheduler"))
