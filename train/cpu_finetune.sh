@@ -7,6 +7,7 @@
 # into the package (src/noisewise/weights), keeping the shipped VAE, evaluator and generation defaults.
 #
 #   bash train/cpu_finetune.sh                          # the recorded run
+#   LR=5e-5 UNET_S=2100 SEED=2 bash train/cpu_finetune.sh   # the second recorded run (same data)
 #   N=2000 UNET_S=60 RUN=/tmp/ft_try bash train/cpu_finetune.sh   # a quick look
 set -e
 N=${N:-40000}          # fresh training images, seed 1 (the shipped run used seed 0)
@@ -15,6 +16,7 @@ BATCH=${BATCH:-256}
 LR=${LR:-1.5e-4}       # peak; cosine to 10% over the schedule (the shipped run: 5e-4 from scratch at batch 512)
 WARMUP=${WARMUP:-50}
 UNET_S=${UNET_S:-4800} # seconds per denoiser; the step count is fitted to it after 30 steps
+SEED=${SEED:-1}        # the denoisers' training seed (the data always use seed 1)
 RUN=${RUN:-/tmp/ft}
 W=src/noisewise/weights
 T="python train/train_shapes.py"
@@ -28,7 +30,7 @@ $T captions --run "$RUN" --device cpu   # the bundled MiniLM, once for both deno
 wait $P
 for kind in vp flow; do
   $T unet --run "$RUN" --kind $kind --init-from $W/shapes-$kind --batch-size "$BATCH" --lr "$LR" \
-    --warmup "$WARMUP" --max-seconds "$UNET_S" --checkpoint-every 120 --seed 1 --device cpu --no-progress \
+    --warmup "$WARMUP" --max-seconds "$UNET_S" --checkpoint-every 120 --seed "$SEED" --device cpu --no-progress \
     > "$RUN/$kind.log" 2>&1 &
 done
 wait
