@@ -283,9 +283,15 @@ def load_transformers_model(folder: Path, class_name: str, dtype: torch.dtype, d
 
 
 def load_diffusers_model(folder: Path, class_name: str, dtype: torch.dtype, device: str | torch.device) -> Any:
-    """A frozen diffusers model of class ``class_name`` from safetensors only."""
+    """A frozen diffusers model of class ``class_name`` from safetensors only (a UNet folder written
+    by :func:`noisewise.pipeline.prune.save_pruned` is rebuilt pruned)."""
     _offline()
     require_safetensors(folder)
+    if class_name == "UNet2DConditionModel":
+        from .prune import is_pruned, load_pruned
+
+        if is_pruned(folder):
+            return load_pruned(folder, dtype=dtype, device=device)
     import diffusers
 
     cls = getattr(diffusers, class_name)
@@ -382,13 +388,7 @@ def load_checkpoint(root: Path, index: dict[str, Any], family: str, *, device: s
     if family == "sd":
         if schedule.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise CheckpointError(f"{root}: unsupported prediction_type {schedule.prediction_type!r}")
-        from .prune import is_pruned, load_pruned
-
-        if is_pruned(parts["unet"]):  # written by noisewise.pipeline.prune.save_pruned
-            require_safetensors(parts["unet"])  # type: ignore[arg-type]
-            unet = load_pruned(parts["unet"], dtype=dtype, device=device)
-        else:
-            unet = load_diffusers_model(parts["unet"], "UNet2DConditionModel", dtype, device)  # type: ignore[arg-type]
+        unet = load_diffusers_model(parts["unet"], "UNet2DConditionModel", dtype, device)  # type: ignore[arg-type]
         cfg = unet.config
         if getattr(cfg, "addition_embed_type", None) or getattr(cfg, "class_embed_type", None) \
                 or getattr(cfg, "encoder_hid_dim_type", None):

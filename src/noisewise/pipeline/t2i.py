@@ -143,25 +143,16 @@ class Pipeline:
     ) -> Pipeline:
         """Load a shipped model (``"shapes-vp"``, ``"shapes-flow"``) or a diffusers-style folder."""
         root = resolve_model(name_or_path)
-        from .loading import family_of, load_checkpoint, read_index, require_safetensors
+        from .loading import family_of, load_checkpoint, load_diffusers_model, read_index, require_safetensors
 
         index = read_index(root)
         family = family_of(index, root)
         if family is not None:  # a user's diffusers checkpoint (SD 1.x/2.x, SD3): see noisewise.pipeline.loading
             parts = load_checkpoint(root, index, family, device=device, dtype=dtype)
             return cls(**parts, name=root.name, source=root, index=index)
-        from diffusers import UNet2DConditionModel
-
-        from .prune import is_pruned, load_pruned
-
         require_safetensors(_component_dir(root, index, "unet"), "unet")
         require_safetensors(_component_dir(root, index, "vae"), "vae")
-        unet_dir = _component_dir(root, index, "unet")
-        if is_pruned(unet_dir):  # written by noisewise.pipeline.prune.save_pruned
-            unet = load_pruned(unet_dir, dtype=dtype, device=device)
-        else:
-            unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=dtype, use_safetensors=True)
-            unet = unet.eval().requires_grad_(False).to(device)
+        unet = load_diffusers_model(_component_dir(root, index, "unet"), "UNet2DConditionModel", dtype, device)
         codec = LatentCodec.from_pretrained(_component_dir(root, index, "vae"), dtype=dtype)
         codec.vae.to(device)
         schedule = Schedule.from_diffusers(_component_dir(root, index, "scheduler"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..serving.jobs import COMPOSE_MODES
+
 
 def _csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
@@ -94,7 +96,7 @@ def add_cli(sub: Any) -> None:
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--guidance-scale", type=float, default=None)
     b.add_argument("--negative-prompt", default=None)
-    b.add_argument("--compose", choices=["off", "and", "regions"], default=None,
+    b.add_argument("--compose", choices=COMPOSE_MODES, default=None,
                    help="prompt composition for items without one (docs/composition.md); default: the model's")
     b.add_argument("--seed", type=int, default=0, help="items without a seed use seed + line index")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -60,8 +60,7 @@ def error_breakdown(prompts: Sequence[str], predictions: Sequence[Prediction]) -
     binding_images = {a: {"images": 0, "both right": 0, "exchanged": 0, "same value": 0, "other": 0}
                       for a in OBJECT_ATTRIBUTES}
     syn_by_objects: dict[str, dict[str, dict[str, list[int]]]] = {}
-    missing: dict[str, list[int]] = {}
-    missing_by_size: dict[str, dict[str, list[int]]] = {}
+    missing_by_size: dict[str, dict[str, list[int]]] = {}  # ``missing`` is its sum over sizes
 
     def count_word(attr: str, word: str, ok: bool, key: str) -> None:
         w = by_word[attr].setdefault(word, [0, 0])
@@ -84,11 +83,9 @@ def error_breakdown(prompts: Sequence[str], predictions: Sequence[Prediction]) -
         if req.background is not None and words.background is not None:
             count_word("background", words.background, pred.background == req.background, key)
         matched = match_objects(req, pred)
-        m = missing.setdefault(key, [0, 0])
-        m[0] += sum(o is None for o in matched)
-        m[1] += len(objs)
+        by_size = missing_by_size.setdefault(key, {})
         for r, o in zip(objs, matched):
-            ms = missing_by_size.setdefault(key, {}).setdefault(r.size or "unnamed", [0, 0])
+            ms = by_size.setdefault(r.size or "unnamed", [0, 0])
             ms[0] += o is None
             ms[1] += 1
         for k, (r, o, w) in enumerate(zip(objs, matched, words.objects)):
@@ -132,7 +129,8 @@ def error_breakdown(prompts: Sequence[str], predictions: Sequence[Prediction]) -
         "synonyms_by_objects": dict(sorted(syn_by_objects.items())),
         "binding": binding,
         "binding_images": binding_images,
-        "missing": missing,
+        "missing": {k: [sum(v[0] for v in d.values()), sum(v[1] for v in d.values())]
+                    for k, d in missing_by_size.items()},
         "missing_by_size": {k: dict(sorted(v.items())) for k, v in sorted(missing_by_size.items())},
     }
 
