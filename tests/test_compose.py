@@ -89,6 +89,37 @@ def test_regional_component_relative_to_cond_replaces_the_prompt_inside_its_mask
     assert torch.allclose(out[1, 0], region[0], atol=1e-12) and torch.allclose(out[1, 1], cfg[1, 1], atol=1e-12)
 
 
+def test_low_noise_components_replace_the_components_below_their_level() -> None:
+    """``low_noise_cond`` takes the place of the component rows where sigma / alpha <= low_noise_below,
+    with the same rows per call; above it the components are unchanged."""
+    x = x_(2, 3)
+    cond, guide = torch.tensor([0, 1]), torch.tensor([-1, -1])
+    comp = Composition(torch.tensor([2]), owner=[1], weight=[1.5], relative="cond",
+                       low_noise_cond=torch.tensor([3]), low_noise_below=0.75)
+    spy = Spy()
+    d = ComposedDenoiser(spy, cond=cond, guide=guide, guidance_scale=2.0, composition=comp)
+    plain = Composition(torch.tensor([2]), owner=[1], weight=[1.5], relative="cond")
+    swapped = Composition(torch.tensor([3]), owner=[1], weight=[1.5], relative="cond")
+    for ratio, ref_comp in ((0.76, plain), (0.74, swapped), (0.2, swapped)):  # levels at these sigma / alpha
+        a = 1.0 / (1.0 + ratio**2) ** 0.5
+        lv = nw.Level(alpha=a, sigma=a * ratio, lam=float(-np.log(ratio)), model_time=500.0)
+        ref = ComposedDenoiser(Spy(), cond=cond, guide=guide, guidance_scale=2.0, composition=ref_comp)
+        assert torch.equal(d(x, lv), ref(x, lv)), ratio
+    assert spy.calls == [2 + 2 + 1] * 3
+    off = Composition(torch.tensor([2]), owner=[1], weight=[1.5], low_noise_cond=torch.tensor([3]))  # below = 0
+    d0 = ComposedDenoiser(Spy(), cond=cond, guide=guide, composition=off)
+    ref0 = ComposedDenoiser(Spy(), cond=cond, guide=guide, composition=Composition(torch.tensor([2]), [1], [1.5]))
+    tiny = nw.Level(alpha=1.0, sigma=1e-6, lam=float(np.log(1e6)), model_time=1.0)
+    assert torch.equal(d0(x, tiny), ref0(x, tiny))
+    for bad in (-0.1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="low_noise_below"):
+            ComposedDenoiser(Spy(), cond=cond, guide=guide, composition=Composition(
+                torch.tensor([2]), [1], [1.0], low_noise_cond=torch.tensor([3]), low_noise_below=bad))
+    with pytest.raises(ValueError, match="low_noise_cond"):
+        ComposedDenoiser(Spy(), cond=cond, guide=guide, composition=Composition(
+            torch.tensor([2]), [1], [1.0], low_noise_cond=torch.tensor([3, 4]), low_noise_below=1.0))
+
+
 def test_sample_with_a_composition_follows_the_composed_ode() -> None:
     B = 4
     noise = torch.randn(B, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
@@ -174,6 +205,17 @@ def test_layout_fills_free_positions_apart_and_keeps_named_ones() -> None:
     assert all(c.endswith(" on white") for c in both.components)
     assert layout("a red circle", None) is None
     assert layout("a red circle on the left and a blue square on the left", None) is None
+    # the context phrases: each object in full, the other by its position only, in the prompt's order
+    ctx = layout("a small red circle and a blue square on the right on grey", np.random.default_rng(0))
+    assert ctx is not None and ctx.positions[1] == "right"
+    where = {"left": "on the left", "top": "at the top", "bottom": "at the bottom"}[ctx.positions[0]]
+    assert ctx.context_components == (f"two shapes: a small red circle {where} and a shape on the right on grey",
+                                      f"two shapes: a shape {where} and a blue square on the right on grey")
+    for k, c in enumerate(ctx.context_components):
+        objs = parse_prompt(c).objects
+        assert objs[k] == parse_prompt(ctx.prompt).objects[k]  # the object itself, as in the laid-out prompt
+        assert (objs[1 - k].color, objs[1 - k].shape) == (None, None)
+        assert objs[1 - k].position == ctx.positions[1 - k]
 
 
 def test_binding_negatives_swap_values_not_synonyms() -> None:
@@ -218,12 +260,40 @@ def test_pipeline_regions(pipe) -> None:
     assert res.metadata[0]["compose"] == "regions" and "components" not in res.metadata[0]
     assert plain.metadata[1]["compose"] == "off"  # recorded: the model's default would compose this prompt
     # the recorded parameters reproduce the image
+    assert m["region_context_below"] == pytest.approx(0.6)
     again = pipe(m["prompt"], seed=m["seed"], steps=4, compose=m["compose"], compose_scale=m["compose_scale"],
-                 region_sigma=m["region_sigma"])
+                 region_sigma=m["region_sigma"], region_context_below=m["region_context_below"])
     assert np.array_equal(again.images[0], res.images[1])
     masks = region_masks(["left", "right"], (8, 8))
     assert masks.shape == (2, 1, 8, 8) and float(masks.sum(0).max()) <= 1 + 1e-6
     assert float(masks[0, 0, 4, 1]) == pytest.approx(1.0, abs=1e-4) and float(masks[0, 0, 4, 6]) < 0.01
+
+
+class CondSpy(RowSpy):
+    def __call__(self, x, t, cond):
+        self.rows.append(cond.detach().clone())
+        return self.pipe.model_fn(x, t, cond)
+
+
+def test_pipeline_regions_name_the_other_object_at_low_noise(pipe) -> None:
+    """At the default 10 steps the last two evaluations (sigma / alpha 0.57 and 0.34 <= 0.6) send each
+    region the phrase that also names the other object; the rows per step stay 4."""
+    prompt = "a green cross on the left and a yellow triangle on the right on grey"
+    lay = layout(prompt, None)
+    own, ctx = pipe.encode_prompt(list(lay.components)), pipe.encode_prompt(list(lay.context_components))
+    used = {}
+    for below in (None, 0.0, 100.0):
+        spy = CondSpy(pipe)
+        res = pipe(prompt, seed=2, model=spy, **({} if below is None else {"region_context_below": below}))
+        assert [c.shape[0] for c in spy.rows] == [4] * 10
+        used[below] = ["ctx" if torch.equal(c[2:], ctx) else "own" if torch.equal(c[2:], own) else "?"
+                       for c in spy.rows]
+        assert res.metadata[0]["region_context_below"] == (0.6 if below is None else below)
+    assert used[None] == ["own"] * 8 + ["ctx"] * 2
+    assert used[0.0] == ["own"] * 10 and used[100.0] == ["ctx"] * 10
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="region_context_below"):
+            pipe(prompt, steps=2, region_context_below=bad)
 
 
 def test_pipeline_and_syntax_and_errors(pipe) -> None:
@@ -263,10 +333,11 @@ def test_cli_generate_compose_records_the_composition(tmp_path, pipe) -> None:
     out = tmp_path / "out.png"
     prompt = "a green cross and a yellow triangle"
     assert main(["generate", prompt, "--steps", "2", "--seed", "5", "--compose", "regions", "--region-sigma", "0.1",
-                 "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+                 "--region-context-below", "2.5", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     meta = json.loads(Image.open(tmp_path / "out-0.png").text["parameters"])
     assert meta["compose"] == "regions" and meta["region_sigma"] == 0.1 and len(meta["components"]) == 2
-    ref = pipe(prompt, steps=2, seed=5, compose="regions", region_sigma=0.1)
+    assert meta["region_context_below"] == 2.5
+    ref = pipe(prompt, steps=2, seed=5, compose="regions", region_sigma=0.1, region_context_below=2.5)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out-0.png").convert("RGB")), ref.images[0])
 
 

@@ -173,7 +173,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             **({"image": image, "strength": a.strength} if image is not None else {}),
             **({"spacing": a.spacing} if a.spacing is not None else {}),
             **{k: v for k, v in (("compose", a.compose), ("compose_scale", a.compose_scale),
-                                 ("region_sigma", a.region_sigma)) if v is not None},
+                                 ("region_sigma", a.region_sigma),
+                                 ("region_context_below", a.region_context_below)) if v is not None},
         )
     except NoTunedSchedule as e:
         w = a.guidance_scale if a.guidance_scale is not None else pipe.defaults["guidance_scale"]
@@ -245,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "region; default: the model's, else 1)")
     g.add_argument("--region-sigma", type=_float_range(0.01, 1.0, "--region-sigma"), default=None,
                    help="width of a region (fraction of the image; default: the model's, else 0.12)")
+    g.add_argument("--region-context-below", type=_float_range(0.0, 1e6, "--region-context-below"), default=None,
+                   help="regions: at noise levels sigma/alpha at or below this, each object's phrase also names the "
+                        "other object by its position, so it does not erase what is drawn (0 = off; default: the "
+                        "model's, else 0.6)")
     g.add_argument("--num-images", type=_int_range(1, 64, "--num-images"), default=1)
     g.add_argument("--out", default="out.png", help="the viewable PNG; native images go to <out>-<i>.png")
     g.add_argument("--scale", type=_int_range(1, 64, "--scale"), default=8, help="pixel-exact upscaling of the view")

@@ -53,13 +53,19 @@ class Composition:
     ``mask`` (optional, ``(R, ...)`` broadcastable to one sample, e.g. ``(R, 1, H, W)``): a spatial
     weight per component (regional prompting). ``relative``: ``"guide"`` adds
     ``w_r m_r (D(c_r) - D(u))``; ``"cond"`` adds ``w_r m_r (D(c_r) - D(c))``, so that with
-    ``w_r = w`` and ``m_r = 1`` the component's prompt replaces the full prompt there."""
+    ``w_r = w`` and ``m_r = 1`` the component's prompt replaces the full prompt there.
+
+    ``low_noise_cond`` (optional, laid out like ``cond``): the component conditionings used instead
+    of ``cond`` at the levels with ``sigma / alpha <= low_noise_below`` (regional prompting names
+    the other objects there, so a one-object phrase does not erase what is already drawn)."""
 
     cond: Any
     owner: Sequence[int]
     weight: Sequence[float]
     mask: Tensor | None = None
     relative: str = "guide"
+    low_noise_cond: Any = None
+    low_noise_below: float = 0.0
 
     @classmethod
     def from_lists(cls, conds: Sequence[Sequence[Any]], weights: Sequence[Sequence[float]] | float) -> Composition:
@@ -138,9 +144,19 @@ class ComposedDenoiser(_ChunkedForward):
             if comp.mask is not None and (not isinstance(comp.mask, Tensor) or comp.mask.shape[0] != n):
                 raise ValueError(f"composition mask must be a tensor with one row per component ({n})")
             self.mask = comp.mask
+            below = comp.low_noise_below
+            if isinstance(below, bool) or not isinstance(below, (int, float)) or not below >= 0 \
+                    or below == float("inf"):
+                raise ValueError(f"composition low_noise_below must be a finite number >= 0 (a sigma / alpha level; "
+                                 f"0 = never), got {below!r}")
+            self.low_cond = None
+            if comp.low_noise_cond is not None:
+                self.low_cond = _check_cond(comp.low_noise_cond, "composition low_noise_cond", n)
+                _same_layout(self.comp_cond, self.low_cond, "composition cond", "composition low_noise_cond")
+            self.low_below = float(below) if self.low_cond is not None else 0.0
         else:
             self.comp_cond, self.owner, self.comp_weight = None, torch.zeros(0, dtype=torch.long), torch.zeros(0)
-            self.relative, self.mask = "guide", None
+            self.relative, self.mask, self.low_cond, self.low_below = "guide", None, None, 0.0
         full = self.scale != 0.0
         if self.relative == "cond":  # the components are measured from D(c): every full row is needed
             full = torch.ones_like(full)
@@ -185,7 +201,8 @@ class ComposedDenoiser(_ChunkedForward):
         nc = int(owner.numel())
         if nc:
             xs.append(x.index_select(0, owner))
-            conds.append(self.comp_cond)
+            low = self.low_cond is not None and level.ve_sigma <= self.low_below
+            conds.append(self.low_cond if low else self.comp_cond)
         out = self._forward(self.denoise, torch.cat(xs, dim=0), level, _cat(conds))
         self.nfe += self.branches
         u = out[:B]

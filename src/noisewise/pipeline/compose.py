@@ -7,7 +7,9 @@ Modes (``pipe(prompt, compose=...)``; ``docs/composition.md`` has the measuremen
 - ``"regions"`` (the shapes models' default): a two-object shapes prompt is laid out
   (:func:`noisewise.shapes.phrases.layout`: a position drawn from the seed for an object without
   one) and each object's phrase guides inside a soft region around its position
-  (:func:`region_masks`), measured from the full prompt's prediction; ``"regions-named"`` only for
+  (:func:`region_masks`), measured from the full prompt's prediction; at low noise
+  (``region_context_below``) each phrase also names the other object by its position, so that it
+  does not erase the objects already drawn; ``"regions-named"`` only for
   prompts naming both positions; ``"layout"`` only rewrites the prompt (an ablation);
 - ``"and"``: the parts of a prompt joined by an upper-case ``AND`` (any model), added as
   ``compose_scale * (D(part) - D(negative))``;
@@ -33,6 +35,8 @@ from ..guidance.compose import Composition, full_prompt, split_and
 Tensor = torch.Tensor
 MODES = ("off", "and", "objects", "binding", "binding-exchanged", "regions", "regions-named", "layout")
 REGION_SIGMA = 0.12
+# below this noise level (sigma / alpha) each region's phrase also names the other object (docs/composition.md)
+REGION_CONTEXT_BELOW = 0.6
 MAX_COMPONENTS = 8
 
 
@@ -95,13 +99,20 @@ def region_masks(positions: Sequence[str], shape: tuple[int, int], sigma: float 
     return g[:, None].float()
 
 
+def check_context_below(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < float("inf"):
+        raise ValueError(f"region_context_below must be a finite number >= 0 (a noise level sigma / alpha; 0 = off), "
+                         f"got {v!r}")
+    return float(v)
+
+
 def _build_regions(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], weight: float, named_only: bool,
-                   sigma: float, layout_only: bool = False) -> Composed:
+                   sigma: float, layout_only: bool = False, context_below: float = 0.0) -> Composed:
     import numpy as np
 
     from ..shapes.phrases import layout
 
-    full, comps, masks, owner = [], [], [], []
+    full, comps, masks, owner, context = [], [], [], [], []
     for b, (p, sd) in enumerate(zip(prompts, seeds)):
         lay = layout(p, np.random.default_rng([int(sd), 0x1A7]))
         if lay is None or (named_only and any(lay.chosen)):
@@ -113,22 +124,26 @@ def _build_regions(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], weig
             comps.append([])
             continue
         comps.append(list(lay.components))
+        context += lay.context_components
         masks.append(region_masks(lay.positions, tuple(pipe.latent_shape[1:]), sigma))
         owner += [b] * len(lay.components)
     flat = [c for cs in comps for c in cs]
     if not flat:
         return Composed(full, comps, None)
     states = pipe.encode_prompt(flat)
-    return Composed(full, comps, Composition(states, owner, [float(weight)] * len(owner), torch.cat(masks), "cond"))
+    low = pipe.encode_prompt(context) if context_below > 0 else None
+    return Composed(full, comps, Composition(states, owner, [float(weight)] * len(owner), torch.cat(masks), "cond",
+                                             low, context_below if low is not None else 0.0))
 
 
 def build(pipe: Any, prompts: Sequence[str], mode: str, scale: float, seeds: Sequence[int] | None = None,
-          full_scale: float | None = None, sigma: float = REGION_SIGMA) -> Composed:
+          full_scale: float | None = None, sigma: float = REGION_SIGMA, context_below: float = 0.0) -> Composed:
     """Split every prompt, encode the components (through the pipeline's text-encoder cache) and
-    lay them out as component rows of weight ``scale`` each."""
+    lay them out as component rows of weight ``scale`` each. Regions: below the noise level
+    ``context_below`` (sigma / alpha; 0 = never) the components are the layout's context phrases."""
     if mode in ("regions", "regions-named", "layout"):
         return _build_regions(pipe, prompts, seeds or [0] * len(prompts), scale * (full_scale or 0.0),
-                              mode == "regions-named", sigma, mode == "layout")
+                              mode == "regions-named", sigma, mode == "layout", context_below)
     if mode in ("binding", "binding-exchanged"):
         from ..shapes.phrases import binding_negatives
 

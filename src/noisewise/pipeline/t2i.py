@@ -287,6 +287,7 @@ class Pipeline:
         compose_full_scale: float | None = None,
         phrase_states: str | None = None,
         region_sigma: float | None = None,
+        region_context_below: float | None = None,
         **sampler_options: Any,
     ) -> GenerationResult:
         """Generate ``num_images`` images per prompt; image ``i`` uses seed ``seed + i``.
@@ -320,6 +321,11 @@ class Pipeline:
             phrase_states: ``"replace"`` or ``"mean"``: encode each object phrase on its own and put
                 its token states into the full prompt's (shapes prompts with two objects); default off.
             region_sigma: width of a region, a fraction of the image (default: the model's, else 0.12).
+            region_context_below: regions only: at noise levels ``sigma / alpha`` at or below this, each
+                object's phrase also names the other object by its position ("two shapes: a red circle on
+                the left and a shape on the right"): a one-object phrase would otherwise erase the other
+                object, or its own, once both are drawn. 0 turns it off; default: the model's, else 0.6.
+                Same rows per step.
         """
         if isinstance(prompt, str) and (
             isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES
@@ -346,7 +352,14 @@ class Pipeline:
             if not p.strip():
                 logger.warning("empty prompt: sampling unconditionally (only the negative prompt steers)")
         seeds = [seed + i for i in range(len(prompts))]
-        from .compose import REGION_SIGMA, build, check_mode, check_phrase_mode
+        from .compose import (
+            REGION_CONTEXT_BELOW,
+            REGION_SIGMA,
+            build,
+            check_context_below,
+            check_mode,
+            check_phrase_mode,
+        )
         from .compose import phrase_states as _phrase_states
 
         if compose is None and sampler_options.get("guidance") is not None:
@@ -365,7 +378,9 @@ class Pipeline:
         sigma = float(region_sigma if region_sigma is not None else self.defaults.get("region_sigma", REGION_SIGMA))
         if not 0.01 <= sigma <= 1.0:
             raise ValueError(f"region_sigma must be from 0.01 to 1 (a fraction of the image), got {region_sigma!r}")
-        composed = build(self, prompts, mode, c_scale, seeds, c_full, sigma)
+        context = check_context_below(region_context_below if region_context_below is not None
+                                      else self.defaults.get("region_context_below", REGION_CONTEXT_BELOW))
+        composed = build(self, prompts, mode, c_scale, seeds, c_full, sigma, context)
         cond = self.encode_prompt(composed.prompts)
         if phrase != "off":
             cond = _phrase_states(self, composed.prompts, cond, phrase)
@@ -398,7 +413,8 @@ class Pipeline:
                 **({"strength": sampler_options["strength"]} if "init" in sampler_options else {}),
                 "compose": mode,  # always: a rerun without it would get the model's default composition
                 **({"compose_scale": c_scale, "compose_full_scale": c_full, "components": cs,
-                    **({"region_sigma": sigma} if mode.startswith("regions") else {})} if cs else {}),
+                    **({"region_sigma": sigma, "region_context_below": context} if mode.startswith("regions")
+                       else {})} if cs else {}),
                 **({"composed_prompt": fp} if fp != p else {}),
                 **({"phrase_states": phrase} if phrase != "off" else {}),
             }

@@ -182,12 +182,15 @@ class Layout:
     """A two-object prompt laid out for regional prompting: ``prompt`` names every object's
     position (those the prompt left open were chosen), ``components`` are the object phrases with
     their positions (and the background phrase), ``positions`` their positions, ``chosen`` which
-    positions were filled in."""
+    positions were filled in. ``context_components``: each object's phrase in a two-object prompt
+    that names the other object only by its position ("two shapes: a red circle on the left and a
+    shape on the right"), in the prompt's order of the objects."""
 
     prompt: str
     components: tuple[str, ...]
     positions: tuple[str, ...]
     chosen: tuple[bool, ...]
+    context_components: tuple[str, ...] = ()
 
 
 def layout(text: str, rng: np.random.Generator | None = None) -> Layout | None:
@@ -216,7 +219,8 @@ def layout(text: str, rng: np.random.Generator | None = None) -> Layout | None:
                 free = free or [p for p in POSITIONS if p not in (other, "center")]
             pos[k] = free[int(rng.integers(len(free)))] if rng is not None else free[0]
     s, shift = text, 0
-    objs = []
+    bg = f" {op.background}" if op.background else ""
+    own = []
     for k, (_, e) in enumerate(op.spans):
         phrase = op.objects[k]
         if named[k] is None:
@@ -224,5 +228,8 @@ def layout(text: str, rng: np.random.Generator | None = None) -> Layout | None:
             s = s[: e + shift] + add + s[e + shift :]
             shift += len(add)
             phrase += add
-        objs.append(phrase + (f" {op.background}" if op.background else ""))
-    return Layout(s, tuple(objs), tuple(pos), tuple(n is None for n in named))  # type: ignore[arg-type]
+        own.append(phrase)
+    others = [f"a shape {POSITION_PHRASES[p][0]}" for p in pos]  # type: ignore[index]
+    context = (f"two shapes: {own[0]} and {others[1]}{bg}", f"two shapes: {others[0]} and {own[1]}{bg}")
+    return Layout(s, tuple(o + bg for o in own), tuple(pos), tuple(n is None for n in named),  # type: ignore[arg-type]
+                  context)
