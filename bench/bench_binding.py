@@ -86,6 +86,8 @@ for _c in (0.0, 0.3, 0.6, 1.2, 100.0):  # the noise level below which each regio
 for _s, _sig in ((1.25, 0.12), (1.5, 0.12), (1.0, 0.15), (1.0, 0.09)):  # the current default at other weights/widths
     VARIANTS[f"regions-context0.6-s{_s:g}-sig{_sig:g}"] = {"compose": "regions", "region_context_below": 0.6,
                                                             "compose_scale": _s, "region_sigma": _sig}
+for _n in (15, 20):
+    VARIANTS[f"regions-context0.6-steps{_n}"] = {"compose": "regions", "region_context_below": 0.6, "steps": _n}
 for _w in (2.5, 3.0):
     VARIANTS[f"regions-context0.6-w{_w:g}"] = {"compose": "regions", "region_context_below": 0.6, "guidance_scale": _w}
 ATTRS = ("color", "shape", "position", "size", "all")
