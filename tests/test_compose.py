@@ -296,6 +296,24 @@ def test_pipeline_regions_name_the_other_object_at_low_noise(pipe) -> None:
             pipe(prompt, steps=2, region_context_below=bad)
 
 
+def test_context_phrases_keep_objects_that_one_object_phrases_erase(pipe) -> None:
+    """Three benchmark prompts (with their benchmark seeds) where shapes-vp's one-object region phrases erase
+    an object in the last steps (docs/composition.md): the default context phrases keep both objects."""
+    from noisewise.shapes.errors import error_breakdown
+    from noisewise.shapes.evaluator import Evaluator, benchmark_prompts
+
+    ev = Evaluator.from_pretrained()
+    two = [p for p in benchmark_prompts(200) if len(parse_prompt(p).objects) == 2]
+    cases = [(two[i], i) for i in (11, 15, 55)]
+
+    def missing(**kw) -> int:
+        imgs = np.concatenate([pipe(p, seed=sd, **kw).images for p, sd in cases])
+        return error_breakdown([p for p, _ in cases], ev.predict(imgs))["missing"]["2"][0]
+
+    assert missing(region_context_below=0.0) >= 2  # measured: 3 of the 6 objects not drawn
+    assert missing() == 0
+
+
 def test_pipeline_and_syntax_and_errors(pipe) -> None:
     spy = RowSpy(pipe)
     res = pipe("a red circle AND a blue square", seed=0, steps=3, compose="and", compose_scale=0.5, model=spy)
