@@ -184,21 +184,25 @@ class Layout:
     their positions (and the background phrase), ``positions`` their positions, ``chosen`` which
     positions were filled in. ``context_components``: each object's phrase in a two-object prompt
     that names the other object only by its position ("two shapes: a red circle on the left and a
-    shape on the right"), in the prompt's order of the objects."""
+    shape on the right"), in the prompt's order of the objects. ``background_chosen``: the prompt
+    named no background, so one was drawn and written into the prompt and every phrase."""
 
     prompt: str
     components: tuple[str, ...]
     positions: tuple[str, ...]
     chosen: tuple[bool, ...]
     context_components: tuple[str, ...] = ()
+    background_chosen: bool = False
 
 
 def layout(text: str, rng: np.random.Generator | None = None) -> Layout | None:
     """Lay out a prompt with exactly two objects (None otherwise, or when both name one position):
     an object without a position gets a free one (drawn with ``rng``; without one, the first free
-    of left, right, top, bottom, center), written into the prompt after its phrase."""
+    of left, right, top, bottom, center), written into the prompt after its phrase; a prompt
+    without a background gets one (drawn after the positions; without ``rng``, black), written at
+    its end, so that every phrase of the composition asks for the same background."""
     from .captions import POSITION_PHRASES, parse_prompt
-    from .world import POSITION_XY, POSITIONS
+    from .world import BACKGROUNDS, POSITION_XY, POSITIONS
 
     op = object_phrases(text)
     if len(op.objects) != 2:
@@ -219,7 +223,11 @@ def layout(text: str, rng: np.random.Generator | None = None) -> Layout | None:
                 free = free or [p for p in POSITIONS if p not in (other, "center")]
             pos[k] = free[int(rng.integers(len(free)))] if rng is not None else free[0]
     s, shift = text, 0
-    bg = f" {op.background}" if op.background else ""
+    if op.background:
+        bg = f" {op.background}"
+    else:  # each phrase would pick its own background, and the regions would mix them
+        drawn = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))] if rng is not None else BACKGROUNDS[0]
+        bg = f" on a {drawn} background"
     own = []
     for k, (_, e) in enumerate(op.spans):
         phrase = op.objects[k]
@@ -229,7 +237,9 @@ def layout(text: str, rng: np.random.Generator | None = None) -> Layout | None:
             shift += len(add)
             phrase += add
         own.append(phrase)
+    if not op.background:
+        s = s.rstrip() + bg
     others = [f"a shape {POSITION_PHRASES[p][0]}" for p in pos]  # type: ignore[index]
     context = (f"two shapes: {own[0]} and {others[1]}{bg}", f"two shapes: {others[0]} and {own[1]}{bg}")
     return Layout(s, tuple(o + bg for o in own), tuple(pos), tuple(n is None for n in named),  # type: ignore[arg-type]
-                  context)
+                  context, not op.background)
