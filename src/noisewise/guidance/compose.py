@@ -86,6 +86,13 @@ class Composition:
         return len(self.owner)
 
 
+def check_noise_level(v: Any, name: str) -> float:
+    """``v`` as a noise level ``sigma / alpha`` below which something applies: a finite number >= 0."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0 (a noise level sigma / alpha; 0 = off), got {v!r}")
+    return float(v)
+
+
 class ComposedDenoiser(_ChunkedForward):
     """Composable guidance around a conditional denoiser; itself a denoiser ``D(x, level) -> x0``.
 
@@ -144,16 +151,12 @@ class ComposedDenoiser(_ChunkedForward):
             if comp.mask is not None and (not isinstance(comp.mask, Tensor) or comp.mask.shape[0] != n):
                 raise ValueError(f"composition mask must be a tensor with one row per component ({n})")
             self.mask = comp.mask
-            below = comp.low_noise_below
-            if isinstance(below, bool) or not isinstance(below, (int, float)) or not below >= 0 \
-                    or below == float("inf"):
-                raise ValueError(f"composition low_noise_below must be a finite number >= 0 (a sigma / alpha level; "
-                                 f"0 = never), got {below!r}")
+            below = check_noise_level(comp.low_noise_below, "composition low_noise_below")
             self.low_cond = None
             if comp.low_noise_cond is not None:
                 self.low_cond = _check_cond(comp.low_noise_cond, "composition low_noise_cond", n)
                 _same_layout(self.comp_cond, self.low_cond, "composition cond", "composition low_noise_cond")
-            self.low_below = float(below) if self.low_cond is not None else 0.0
+            self.low_below = below if self.low_cond is not None else 0.0
         else:
             self.comp_cond, self.owner, self.comp_weight = None, torch.zeros(0, dtype=torch.long), torch.zeros(0)
             self.relative, self.mask, self.low_cond, self.low_below = "guide", None, None, 0.0

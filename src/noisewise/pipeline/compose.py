@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from ..guidance.compose import Composition, full_prompt, split_and
+from ..guidance.compose import Composition, check_noise_level, full_prompt, split_and
+from ..guidance.guided import _map
 
 Tensor = torch.Tensor
 MODES = ("off", "and", "objects", "binding", "binding-exchanged", "regions", "regions-named", "layout")
@@ -100,10 +101,7 @@ def region_masks(positions: Sequence[str], shape: tuple[int, int], sigma: float 
 
 
 def check_context_below(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < float("inf"):
-        raise ValueError(f"region_context_below must be a finite number >= 0 (a noise level sigma / alpha; 0 = off), "
-                         f"got {v!r}")
-    return float(v)
+    return check_noise_level(v, "region_context_below")
 
 
 def _build_regions(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], weight: float, named_only: bool,
@@ -130,10 +128,13 @@ def _build_regions(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], weig
     flat = [c for cs in comps for c in cs]
     if not flat:
         return Composed(full, comps, None)
-    states = pipe.encode_prompt(flat)
-    low = pipe.encode_prompt(context) if context_below > 0 else None
+    if context_below > 0:  # the object phrases and their context phrases in one encoder call (a tensor or, SD3, a dict)
+        both, n = pipe.encode_prompt(flat + context), len(flat)
+        states, low = _map(lambda t: t[:n], both), _map(lambda t: t[n:], both)
+    else:
+        states, low = pipe.encode_prompt(flat), None
     return Composed(full, comps, Composition(states, owner, [float(weight)] * len(owner), torch.cat(masks), "cond",
-                                             low, context_below if low is not None else 0.0))
+                                             low, context_below))
 
 
 def build(pipe: Any, prompts: Sequence[str], mode: str, scale: float, seeds: Sequence[int] | None = None,
