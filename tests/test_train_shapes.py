@@ -207,3 +207,58 @@ def test_export_carries_the_shipped_generation_defaults(tmp_path):
     assert got == shipped
     assert (tmp_path / "out" / "shapes-vp" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
     assert not (tmp_path / "out" / "shapes-flow").exists()  # no weights for it: skipped
+
+
+def _train_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_shapes", SHIPPED.parent.parent.parent / "train" / "train_shapes.py")
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    return ts
+
+
+def test_budgets_shrink_to_fit_the_total():
+    fit = _train_script().fit_budgets
+    assert fit([1800, 900, 2100, 2100], total=7200, elapsed=0, reserve=0) == 1800  # 6900 s fit in 7200 s
+    assert fit([100, 300], total=460, elapsed=0, reserve=30) == 100
+    assert fit([100, 300], total=260, elapsed=0, reserve=30) == pytest.approx(50)  # 200 s left for 400 asked
+    assert fit([300], total=260, elapsed=100, reserve=30) == pytest.approx(130)
+    with pytest.raises(SystemExit, match="total budget of 260 s is spent"):
+        fit([300], total=260, elapsed=250, reserve=30)
+
+
+def test_all_runs_every_stage_once_within_the_total_budget(monkeypatch, tmp_path):
+    """``all`` renders, trains the VAE and evaluator, encodes the captions once, trains both
+    denoisers, and shrinks the training budgets so that slow rendering/encoding/evaluation still
+    leave the whole run inside ``--total-seconds`` (a fake clock: each stage takes its budget plus
+    40 s it does not cover)."""
+    import json
+
+    ts = _train_script()
+    clock = [0.0]
+    monkeypatch.setattr(ts, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    ran = []
+
+    def stage(name):
+        def run(a):
+            budget = getattr(a, "max_seconds", None)
+            ran.append((name + (f"-{a.kind}" if hasattr(a, "kind") and name == "unet" else ""), budget))
+            clock[0] += {"data": 600.0, "captions": 300.0}.get(name, (budget or 0) + 40.0)
+        return run
+
+    for name in ("data", "vae", "evaluator", "captions", "unet"):
+        monkeypatch.setattr(ts, f"cmd_{name}", stage(name))
+    ts.main(["all", "--run", str(tmp_path), "--device", "cpu"])
+    assert [r[0] for r in ran] == ["data", "vae", "evaluator", "captions", "unet-vp", "unet-flow"]
+    budgets = dict(ran)
+    assert budgets["data"] is None and budgets["captions"] is None
+    assert budgets["unet-vp"] < 2100 and budgets["unet-vp"] == pytest.approx(budgets["unet-flow"], rel=0.02)
+    assert budgets["vae"] < 1800 and budgets["evaluator"] < 900  # the rendering's 600 s is shared by all
+    assert 7000 <= clock[0] <= 7200  # inside the budget, and not wastefully early
+    wall = json.loads((tmp_path / "export" / "all.json").read_text())["wall_seconds"]
+    assert wall["total"] == clock[0] and wall["captions"] == 300.0
+    ran.clear()
+    clock[0] = 0.0
+    ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--total-seconds", "0"])
+    assert dict(ran)["unet-vp"] == 2100 and dict(ran)["vae"] == 1800  # no total budget: as asked

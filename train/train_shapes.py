@@ -19,7 +19,11 @@ shipped VAE, encode the captions once, time a few batch sizes, continue from the
     python train/train_shapes.py batch-times --run runs/ft --batches 512 1024 2048 --seconds 3
     python train/train_shapes.py unet        --run runs/ft --kind vp --init-from src/noisewise/weights/shapes-vp \
         --lr 2e-4 --batch-size 1024 --max-seconds 240
-    python train/train_shapes.py all       --run runs/shapes            # the above, one after another
+    python train/train_shapes.py all       --run runs/shapes            # data, vae, evaluator, captions, unets
+
+``all`` encodes the captions once for both denoisers and keeps the whole run inside
+``--total-seconds`` (default 7200, 2 hours): the training stages' budgets shrink in proportion when
+rendering, caption encoding and evaluation take longer than they leave room for.
 
 Every stage is seeded; ``--steps N`` without ``--max-seconds`` repeats a run exactly (the log and
 ``<run>/export/<stage>.json`` give the N a time-boxed run settled on). ``--resume`` continues from
@@ -359,28 +363,61 @@ def cmd_samples(a: argparse.Namespace) -> None:
     _write_json(run / "export" / "samples.json", report)
 
 
+def fit_budgets(budgets: list[float], total: float, elapsed: float, reserve: float = 60.0) -> float:
+    """The time budget of the next of ``budgets`` (the time-boxed stages still to run, in order) so
+    that the whole run ends within ``total`` seconds of wall time when ``elapsed`` have gone: the
+    time left, less ``reserve`` seconds per stage for what a budget does not cover (loading, encoding
+    the latents, held-out evaluation, export), is shared in proportion to the budgets asked for, and
+    no stage gets more than it asked for."""
+    if not budgets:
+        raise ValueError("no stages left to budget")
+    left = total - elapsed - reserve * len(budgets)
+    scale = min(1.0, left / sum(budgets))
+    if scale <= 0:
+        raise SystemExit(f"the total budget of {total:.0f} s is spent ({elapsed:.0f} s gone) with "
+                         f"{len(budgets)} training stage(s) left: raise --total-seconds or lower the stage budgets")
+    return budgets[0] * scale
+
+
 def cmd_all(a: argparse.Namespace) -> None:
-    stages = [
-        ("data", {}), ("vae", {"max_seconds": a.vae_seconds}), ("evaluator", {"max_seconds": a.evaluator_seconds}),
-        ("unet", {"kind": "vp", "max_seconds": a.unet_seconds}),
-        ("unet", {"kind": "flow", "max_seconds": a.unet_seconds}),
-    ]
+    t0 = time.time()
+    timed = [("vae", {}, a.vae_seconds), ("evaluator", {}, a.evaluator_seconds),
+             ("unet", {"kind": "vp"}, a.unet_seconds), ("unet", {"kind": "flow"}, a.unet_seconds)]
+    stages: list[tuple[str, dict[str, Any], float | None]] = [("data", {}, None), *timed[:2], ("captions", {}, None),
+                                                             *timed[2:]]
     parser = build_parser()
-    for name, extra in stages:
-        argv = [name, "--run", a.run, "--device", a.device, "--seed", str(a.seed)]
+    wall: dict[str, float] = {}
+    for i, (name, extra, budget) in enumerate(stages):
+        label = name + (f"-{extra['kind']}" if "kind" in extra else "")
+        argv = [name, "--run", a.run, "--device", a.device]
+        if name != "captions":
+            argv += ["--seed", str(a.seed)]
         if name == "data":
             argv += ["--n", str(a.n), "--workers", str(a.workers)]
-        if a.resume and name != "data":
+        if a.resume and name not in ("data", "captions"):
             argv.append("--resume")
-        if a.text_encoder and name == "unet":
+        if a.text_encoder and name in ("unet", "captions"):
             argv += ["--text-encoder", a.text_encoder]
         for k, v in extra.items():
-            if v is not None:
-                argv += [f"--{k.replace('_', '-')}", str(v)]
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+        if budget is not None:
+            later = [b for _, _, b in stages[i:] if b is not None]
+            if a.total_seconds:
+                budget = fit_budgets(later, a.total_seconds, time.time() - t0)
+            argv += ["--max-seconds", f"{budget:.0f}"]
         if name == "data" and a.resume and (Path(a.run) / "data" / "images.npy").is_file():
             continue
+        if name == "captions" and a.resume and (Path(a.run) / "captions.pt").is_file():
+            continue  # unet checks that the file was written for these captions
+        log.info("stage %s: %s", label, " ".join(argv))
+        t = time.time()
         sub = parser.parse_args(argv)
         sub.func(sub)
+        wall[label] = round(time.time() - t, 1)
+    wall["total"] = round(time.time() - t0, 1)
+    _write_json(Path(a.run) / "export" / "all.json", {"device": a.device, "torch_threads": torch.get_num_threads(),
+                                                      "total_seconds_budget": a.total_seconds,
+                                                      "wall_seconds": wall})
     if a.dest:
         export(Path(a.run) / "export", Path(a.dest))
 
@@ -488,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae-seconds", type=float, default=1800)
     s.add_argument("--evaluator-seconds", type=float, default=900)
     s.add_argument("--unet-seconds", type=float, default=2100)
+    s.add_argument("--total-seconds", type=float, default=7200,
+                   help="wall-time budget for the whole run (default 2 hours): the training stages' budgets "
+                        "shrink in proportion when rendering, caption encoding and evaluation leave less "
+                        "(0: no total budget)")
     s.add_argument("--text-encoder", default=None)
     s.add_argument("--dest", default=None, help="also export the shipped folders here")
     s.add_argument("--resume", action="store_true")
