@@ -189,13 +189,9 @@ def test_batch_timing_and_choice():
 def test_export_carries_the_shipped_generation_defaults(tmp_path):
     """Re-exported (fine-tuned) models get the shipped folders' generation defaults, so a probe of
     the fine-tuned and the shipped models compares like with like."""
-    import importlib.util
     import json
 
-    script = SHIPPED.parent.parent.parent / "train" / "train_shapes.py"
-    spec = importlib.util.spec_from_file_location("train_shapes", script)
-    ts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ts)
+    ts = _train_script()
     flat = tmp_path / "flat"
     flat.mkdir()
     for f in ("vae.safetensors", "unet-vp.safetensors"):
@@ -212,7 +208,8 @@ def test_export_carries_the_shipped_generation_defaults(tmp_path):
 def _train_script():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_shapes", SHIPPED.parent.parent.parent / "train" / "train_shapes.py")
+    script = SHIPPED.parent.parent.parent / "train" / "train_shapes.py"
+    spec = importlib.util.spec_from_file_location("train_shapes", script)
     ts = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ts)
     return ts

@@ -25,6 +25,7 @@ from .models.parameterization import from_x0, to_x0
 from .pipeline import GenerationResult, Pipeline
 from .sampling import SampleResult, recommended, sample
 from .solvers import SAMPLERS, StepInfo, get_sampler, run, samplers
+from .solvers.stiffness import StiffGuard
 from .tuning import TunedSchedule, tune_schedule
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Schedule", "DiscreteVP", "LinearVP", "CosineVP", "RectifiedFlow", "EDM", "VE",
     "Grid", "Level", "make_grid", "spacings", "samplers", "get_sampler", "SAMPLERS", "run", "StepInfo",
+    "StiffGuard",
     "ModelDenoiser", "NonFiniteError", "to_x0", "from_x0", "sample", "SampleResult", "recommended",
     "Pipeline", "GenerationResult",
     "tune_schedule", "TunedSchedule",

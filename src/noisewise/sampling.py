@@ -36,6 +36,18 @@ class SampleResult:
     calls: int | None = None
 
 
+def _guard_under_guidance(option: Any, scale: Tensor) -> Any:
+    """The ``stiff_guard`` a guided run gets: the given safety factor (0.5 by default) with the long-step
+    limit where a sample's guidance scale is large (``solvers.stiffness.long_step_limit``); ``None``
+    stays off, and a :class:`StiffGuard` with its own ``max_step`` is used as given."""
+    from .solvers.stiffness import StiffGuard, long_step_limit
+
+    if option is None or (isinstance(option, StiffGuard) and option.max_step is not None):
+        return option
+    safety = option.safety if isinstance(option, StiffGuard) else option
+    return StiffGuard(safety, long_step_limit(scale))
+
+
 # The recommended default per budget, read off docs/benchmarks/samplers.md (exact Gaussian mixture,
 # error against the exact ODE solution): at every measured NFE (5, 6, 8, 10, 15, 20) the entry here
 # is at least as accurate as the best diffusers or k-diffusion configuration in the same run.
@@ -258,8 +270,10 @@ def sample(
     guided = denoiser if isinstance(denoiser, GuidedDenoiser) or composition is not None else None
     if guided is not None:
         guided.bind(grid)
-        if "stiff_guard" in inspect.signature(spec.fn).parameters and "stiff_guard" not in sampler_options:
-            sampler_options["stiff_guard"] = DEFAULT_STIFF_GUARD  # guidance can make the ODE stiff
+        if "stiff_guard" in inspect.signature(spec.fn).parameters:
+            sampler_options["stiff_guard"] = _guard_under_guidance(
+                sampler_options.get("stiff_guard", DEFAULT_STIFF_GUARD), guided.stiffness_scale()
+            )
     gen = spec.fn(x, grid, callback=callback, **sampler_options)
     with torch.no_grad():  # sampling never needs the autograd graph
         out, calls = run(gen, denoiser)

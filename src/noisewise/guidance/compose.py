@@ -174,6 +174,19 @@ class ComposedDenoiser(_ChunkedForward):
         self.nfe = self.calls = self.rows = 0
         return self
 
+    def stiffness_scale(self) -> Tensor:
+        """Per-sample total guidance weight, what the samplers' stiffness guard sizes its long-step
+        limit by: ``w`` plus the sample's component weights (their sum; the largest one with region
+        masks, where each place is steered by its own region's component)."""
+        extra = torch.zeros(self.batch, dtype=torch.float64)
+        if self.owner.numel():
+            wts = self.comp_weight.abs().to(torch.float64)
+            if self.mask is None:
+                extra.index_add_(0, self.owner, wts)
+            else:
+                extra.scatter_reduce_(0, self.owner, wts, reduce="amax")
+        return self.scale.abs() + extra
+
     def raise_if_nonfinite(self) -> None:
         if self.model_denoiser is not None:
             self.model_denoiser.raise_if_nonfinite()

@@ -367,6 +367,10 @@ class GuidedDenoiser(_ChunkedForward):
         self.nfe = self.calls = self.rows = 0
         return self
 
+    def stiffness_scale(self) -> Tensor:
+        """Per-sample guidance scale the samplers' stiffness guard sizes its long-step limit by."""
+        return self.scale
+
     def raise_if_nonfinite(self) -> None:
         for md in (self.model_denoiser, getattr(self, "_guide_md", None)):
             if md is not None:
