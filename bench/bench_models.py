@@ -111,7 +111,7 @@ def main() -> None:
             print(key, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in acc.items()}), flush=True)
             if neg is None:
                 grid = pipe([p for p in GRID_PROMPTS for _ in range(8)], seed=0).images
-                save_grid(grid, 8, out / f"samples-{name}.png")
+                save_grid(grid, 8, out / f"samples-{Path(name).name}.png")
     meta = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {a.device}, torch {torch.__version__}",
