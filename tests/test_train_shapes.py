@@ -223,6 +223,8 @@ def test_budgets_shrink_to_fit_the_total():
     assert fit([300], total=260, elapsed=100, reserve=30) == pytest.approx(130)
     with pytest.raises(SystemExit, match="total budget of 260 s is spent"):
         fit([300], total=260, elapsed=250, reserve=30)
+    with pytest.raises(SystemExit, match="must be > 0 seconds"):
+        fit([300, 0], total=7200, elapsed=0)
 
 
 def test_all_runs_every_stage_once_within_the_total_budget(monkeypatch, tmp_path):

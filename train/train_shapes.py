@@ -371,6 +371,8 @@ def fit_budgets(budgets: list[float], total: float, elapsed: float, reserve: flo
     no stage gets more than it asked for."""
     if not budgets:
         raise ValueError("no stages left to budget")
+    if min(budgets) <= 0:
+        raise SystemExit(f"every stage budget must be > 0 seconds, got {budgets}")
     left = total - elapsed - reserve * len(budgets)
     scale = min(1.0, left / sum(budgets))
     if scale <= 0:
