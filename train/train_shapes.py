@@ -383,10 +383,10 @@ def fit_budgets(budgets: list[float], total: float, elapsed: float, reserve: flo
 
 def cmd_all(a: argparse.Namespace) -> None:
     t0 = time.time()
-    timed = [("vae", {}, a.vae_seconds), ("evaluator", {}, a.evaluator_seconds),
-             ("unet", {"kind": "vp"}, a.unet_seconds), ("unet", {"kind": "flow"}, a.unet_seconds)]
-    stages: list[tuple[str, dict[str, Any], float | None]] = [("data", {}, None), *timed[:2], ("captions", {}, None),
-                                                             *timed[2:]]
+    stages: list[tuple[str, dict[str, Any], float | None]] = [  # (stage, its options, training time budget)
+        ("data", {}, None), ("vae", {}, a.vae_seconds), ("evaluator", {}, a.evaluator_seconds), ("captions", {}, None),
+        ("unet", {"kind": "vp"}, a.unet_seconds), ("unet", {"kind": "flow"}, a.unet_seconds),
+    ]
     parser = build_parser()
     wall: dict[str, float] = {}
     for i, (name, extra, budget) in enumerate(stages):

@@ -15,6 +15,7 @@ from .core.schedules import Schedule
 from .guidance.guided import GuidedDenoiser
 from .models.denoiser import ModelDenoiser
 from .solvers.base import Callback, SamplerSpec, get_sampler, run
+from .solvers.stiffness import StiffGuard, long_step_limit
 
 Tensor = torch.Tensor
 DEFAULT_STIFF_GUARD = 0.5  # stiffness guard of the multistep solvers under guidance (docs/guidance.md)
@@ -40,8 +41,6 @@ def _guard_under_guidance(option: Any, scale: Tensor) -> Any:
     """The ``stiff_guard`` a guided run gets: the given safety factor (0.5 by default) with the long-step
     limit where a sample's guidance scale is large (``solvers.stiffness.long_step_limit``); ``None``
     stays off, and a :class:`StiffGuard` with its own ``max_step`` is used as given."""
-    from .solvers.stiffness import StiffGuard, long_step_limit
-
     if option is None or (isinstance(option, StiffGuard) and option.max_step is not None):
         return option
     safety = option.safety if isinstance(option, StiffGuard) else option

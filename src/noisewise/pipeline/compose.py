@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..guidance.compose import Composition, check_noise_level, full_prompt, split_and
+from ..guidance.compose import Composition, full_prompt, split_and
 from ..guidance.guided import _map
 
 Tensor = torch.Tensor
@@ -98,10 +98,6 @@ def region_masks(positions: Sequence[str], shape: tuple[int, int], sigma: float 
     g = g / g.amax(dim=(1, 2), keepdim=True)  # each bump peaks at one
     g = g / g.sum(0, keepdim=True).clamp(min=1.0)
     return g[:, None].float()
-
-
-def check_context_below(v: Any) -> float:
-    return check_noise_level(v, "region_context_below")
 
 
 def _build_regions(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], weight: float, named_only: bool,

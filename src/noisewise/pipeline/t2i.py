@@ -352,14 +352,8 @@ class Pipeline:
             if not p.strip():
                 logger.warning("empty prompt: sampling unconditionally (only the negative prompt steers)")
         seeds = [seed + i for i in range(len(prompts))]
-        from .compose import (
-            REGION_CONTEXT_BELOW,
-            REGION_SIGMA,
-            build,
-            check_context_below,
-            check_mode,
-            check_phrase_mode,
-        )
+        from ..guidance.compose import check_noise_level
+        from .compose import REGION_CONTEXT_BELOW, REGION_SIGMA, build, check_mode, check_phrase_mode
         from .compose import phrase_states as _phrase_states
 
         if compose is None and sampler_options.get("guidance") is not None:
@@ -378,8 +372,9 @@ class Pipeline:
         sigma = float(region_sigma if region_sigma is not None else self.defaults.get("region_sigma", REGION_SIGMA))
         if not 0.01 <= sigma <= 1.0:
             raise ValueError(f"region_sigma must be from 0.01 to 1 (a fraction of the image), got {region_sigma!r}")
-        context = check_context_below(region_context_below if region_context_below is not None
-                                      else self.defaults.get("region_context_below", REGION_CONTEXT_BELOW))
+        context = check_noise_level(region_context_below if region_context_below is not None
+                                    else self.defaults.get("region_context_below", REGION_CONTEXT_BELOW),
+                                    "region_context_below")
         composed = build(self, prompts, mode, c_scale, seeds, c_full, sigma, context)
         cond = self.encode_prompt(composed.prompts)
         if phrase != "off":
