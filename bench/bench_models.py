@@ -70,11 +70,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--evaluator", default=None,
+                    help="evaluator folder (default: the shipped one), e.g. one a training run exported")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ev = Evaluator.from_pretrained(device=a.device)
+    ev = Evaluator.from_pretrained(a.evaluator, device=a.device)
     prompts = benchmark_prompts(a.prompts)
     requests = [parse_prompt(p) for p in prompts]
     def reqs_for(seeds: int) -> list:
@@ -115,6 +117,7 @@ def main() -> None:
     meta = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {a.device}, torch {torch.__version__}",
+        "evaluator": a.evaluator or "shipped",
         "prompts": a.prompts, "seeds": a.seeds, "results": results,
     }
     (out / "models.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -110,6 +110,51 @@ def test_lr_plan_shrinks_to_fit_a_time_budget():
     assert plan.lr_factor(0) < plan.lr_factor(plan.warmup) == pytest.approx(1.0, abs=1e-3) or plan.total <= plan.warmup
 
 
+def _fake_clock(monkeypatch, per_step):
+    """``T.time.perf_counter`` advanced by ``per_step(i)`` seconds at each step ``i``."""
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr(T, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def step(i):
+        clock[0] += per_step(i)
+        return torch.tensor(1.0)
+
+    return clock, step
+
+
+def test_time_budget_refits_the_schedule_after_slow_first_steps(monkeypatch):
+    """The first 30 steps take 5x as long as the rest (allocation, a briefly busy machine): the
+    schedule fitted at step 30 would use a fifth of the budget; the refits at 60, 120, ... steps
+    extend it to use most of it, and the run still ends inside the budget."""
+    clock, step = _fake_clock(monkeypatch, lambda i: 0.05 if i < 30 else 0.01)
+    first_fit = 30 + int(0.97 * (20.0 - 30 * 0.05) / 0.05)
+    plan = T.Plan(100_000, max_seconds=20.0, measured_at=30)
+    done = T.train_loop(step, plan, progress=False)
+    assert done == plan.total > 4 * first_fit
+    assert 0.9 * 20.0 <= clock[0] <= 20.0
+    capped = T.Plan(500, max_seconds=20.0, measured_at=30)
+    clock[0] = 0.0
+    assert T.train_loop(step, capped, progress=False) == 500  # never more steps than asked for
+
+
+def test_time_budget_refits_the_schedule_when_steps_slow_down(monkeypatch):
+    """Steps become 5x slower after 100 (another job starts): the refits shorten the schedule, so
+    the cosine decay still runs its course (the last step's learning-rate factor is the floor)."""
+    clock, step = _fake_clock(monkeypatch, lambda i: 0.01 if i < 100 else 0.05)
+    plan = T.Plan(100_000, max_seconds=20.0, measured_at=30)
+    lr = []  # the learning-rate factor each step ran with
+
+    def logged(i):
+        lr.append(plan.lr_factor(i))
+        return step(i)
+
+    done = T.train_loop(logged, plan, progress=False)
+    assert clock[0] <= 20.0 + 0.06  # the budget, overrun by at most the step that crossed it
+    assert done == plan.total == len(lr) and lr[-1] < 0.3  # fitted once only: ~0.9 when time runs out
+
+
 def _tiny_denoiser_data(dim: int = 24):
     g = torch.Generator().manual_seed(0)
     mean, std = torch.randn(16, 4, 8, 8, generator=g).half(), torch.full((16, 4, 8, 8), 0.01).half()
@@ -261,3 +306,66 @@ def test_all_runs_every_stage_once_within_the_total_budget(monkeypatch, tmp_path
     clock[0] = 0.0
     ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--total-seconds", "0"])
     assert dict(ran)["unet-vp"] == 2100 and dict(ran)["vae"] == 1800  # no total budget: as asked
+
+
+def test_small_arch_trains_exports_and_generates(tmp_path):
+    """The CLI path of the 2-hour CPU recipe's architecture: render, train the small VAE (bf16) and a
+    small denoiser a few steps, export, and the exported folders load through the user-facing
+    Pipeline and generate; the folders say the architecture they hold, not the shipped one."""
+    import json
+
+    from noisewise.pipeline import Pipeline
+
+    ts = _train_script()
+    run = str(tmp_path)
+    ts.main(["data", "--run", run, "--n", "48", "--heldout", "16", "--workers", "1"])
+    ts.main(["vae", "--run", run, "--device", "cpu", "--arch", "small", "--steps", "2", "--batch-size", "4",
+             "--precision", "bf16", "--no-progress"])
+    ts.main(["unet", "--run", run, "--device", "cpu", "--kind", "flow", "--arch", "small", "--steps", "2",
+             "--batch-size", "4", "--no-progress"])
+    ts.main(["export", "--run", run, "--dest", str(tmp_path / "models")])
+    small = T.ARCHS["small"]
+    vae_cfg = json.loads((tmp_path / "models" / "shapes-vae" / "config.json").read_text())
+    unet_cfg = json.loads((tmp_path / "models" / "shapes-flow" / "unet" / "config.json").read_text())
+    assert vae_cfg["block_out_channels"] == small["vae"]["block_out_channels"] != T.VAE_CONFIG["block_out_channels"]
+    assert vae_cfg["scaling_factor"] == json.loads((tmp_path / "export" / "vae.json").read_text())["scaling_factor"]
+    assert unet_cfg["block_out_channels"] == small["unet"]["block_out_channels"] != T.UNET_CONFIG["block_out_channels"]
+    assert unet_cfg["attention_head_dim"] == small["unet"]["attention_head_dim"]
+    pipe = Pipeline.from_pretrained(tmp_path / "models" / "shapes-flow", device="cpu")
+    out = pipe("a red circle", num_images=2, seed=0, steps=2)
+    assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
+
+
+def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path):
+    """``all --recipe cpu-2h`` passes the small architecture, its batch sizes and the bf16 VAE to the
+    stages, renders its 60,000 images, records what it ran; an option on the command line wins."""
+    import json
+
+    ts = _train_script()
+    seen = {}
+
+    def stage(name):
+        def run(a):
+            label = name + (f"-{a.kind}" if name == "unet" else "")
+            seen[label] = {k: getattr(a, k) for k in ("arch", "batch_size", "precision", "n", "max_seconds")
+                           if hasattr(a, k)}
+        return run
+
+    for name in ("data", "vae", "evaluator", "captions", "unet"):
+        monkeypatch.setattr(ts, f"cmd_{name}", stage(name))
+    ts.main(["all", "--recipe", "cpu-2h", "--run", str(tmp_path), "--device", "cpu"])
+    r = ts.RECIPES["cpu-2h"]
+    assert seen["data"]["n"] == r["n"] == 60_000
+    assert seen["vae"] == {"arch": "small", "batch_size": 64, "precision": "bf16", "max_seconds": r["vae_seconds"]}
+    for kind in ("vp", "flow"):
+        assert seen[f"unet-{kind}"] == {"arch": "small", "batch_size": 128, "precision": "auto",
+                                        "max_seconds": r["unet_seconds"]}
+    assert seen["evaluator"]["max_seconds"] == r["evaluator_seconds"]
+    meta = json.loads((tmp_path / "export" / "all.json").read_text())
+    assert meta["recipe"] == "cpu-2h" and meta["options"] == r
+    ts.main(["all", "--recipe", "cpu-2h", "--run", str(tmp_path), "--device", "cpu", "--arch", "shipped",
+             "--unet-batch-size", "256", "--n", "1000"])
+    assert seen["unet-vp"]["arch"] == seen["vae"]["arch"] == "shipped" and seen["unet-flow"]["batch_size"] == 256
+    assert seen["data"]["n"] == 1000 and seen["vae"]["batch_size"] == 64
+    ts.main(["all", "--run", str(tmp_path), "--device", "cpu"])  # the default recipe: the shipped architectures
+    assert seen["vae"]["arch"] == "shipped" and seen["vae"]["batch_size"] == 256 and seen["data"]["n"] == 200_000

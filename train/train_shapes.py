@@ -23,10 +23,13 @@ shipped VAE, encode the captions once, time a few batch sizes, continue from the
 
 ``all`` encodes the captions once for both denoisers and keeps the whole run inside
 ``--total-seconds`` (default 7200, 2 hours): the training stages' budgets shrink in proportion when
-rendering, caption encoding and evaluation take longer than they leave room for.
+rendering, caption encoding and evaluation take longer than they leave room for. Everything from
+scratch on a 2-core CPU in 2 hours (the small architectures; docs/benchmarks/models_cpu2h.md)::
 
-Every stage is seeded; ``--steps N`` without ``--max-seconds`` repeats a run exactly (the log and
-``<run>/export/<stage>.json`` give the N a time-boxed run settled on). ``--resume`` continues from
+    python train/train_shapes.py all --recipe cpu-2h --run runs/cpu --device cpu --dest runs/cpu/models
+
+Every stage is seeded; a run with ``--steps N`` and no ``--max-seconds`` repeats exactly (the log
+and ``<run>/export/<stage>.json`` give the N a time-boxed run settled on). ``--resume`` continues from
 ``<run>/<stage>.ckpt``. Each stage writes its fp16 weights to ``<run>/export/`` as soon as it
 finishes (the denoisers also every minute while training); ``export`` assembles the diffusers-style
 folders the package ships.
@@ -87,10 +90,11 @@ def _data(a: argparse.Namespace, mmap: bool = False) -> ShapesData:
 def cmd_vae(a: argparse.Namespace) -> None:
     run = Path(a.run)
     data = _data(a)
+    config = T.ARCHS[a.arch]["vae"]
     vae, plan = T.train_vae(
         data.images, steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds, device=a.device,
         seed=a.seed, checkpoint_path=run / "vae.ckpt", resume=a.resume, progress=not a.no_progress,
-        precision=a.precision,
+        precision=a.precision, config=config,
     )
     mean, std, scale = T.encode_latents(vae, data.images)
     torch.save({"mean": mean.cpu(), "std": std.cpu(), "scaling_factor": scale}, run / "latents.pt")
@@ -103,7 +107,8 @@ def cmd_vae(a: argparse.Namespace) -> None:
         rec = vae.decode(vae.encode(xin).latent_dist.mean).sample
         err = ((rec.clamp(-1, 1) + 1) * 127.5 - x.permute(0, 3, 1, 2).float()).abs()
     _write_json(run / "export" / "vae.json", {
-        "steps": plan.total, "scaling_factor": scale, "latent_std_mean": float(std.float().mean()),
+        "steps": plan.total, "batch_size": a.batch_size, "lr": a.lr, "precision": a.precision, "arch": a.arch,
+        "config": config, "scaling_factor": scale, "latent_std_mean": float(std.float().mean()),
         "heldout_mae_255": float(err.mean()), "heldout_psnr_db": float(10 * torch.log10(255.0**2 / err.pow(2).mean())),
         "history": plan.history,
     })
@@ -191,7 +196,9 @@ def cmd_latents(a: argparse.Namespace) -> None:
     torch.save({"mean": mean.cpu(), "std": std.cpu(), "scaling_factor": scale}, run / "latents.pt")
     (run / "export").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(folder / "diffusion_pytorch_model.safetensors", run / "export" / "vae.safetensors")
-    (run / "export" / "vae.json").write_text(json.dumps({"scaling_factor": scale, "source": str(folder)}) + "\n")
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_") and k != "scaling_factor"}
+    (run / "export" / "vae.json").write_text(json.dumps({"scaling_factor": scale, "source": str(folder),
+                                                         "config": config}) + "\n")
     if a.evaluator:
         shutil.copyfile(Path(a.evaluator) / "model.safetensors", run / "export" / "evaluator.safetensors")
     log.info("encoded %d images with %s in %.1f s (scaling_factor %.4f)", len(mean), folder, time.time() - t, scale)
@@ -217,6 +224,7 @@ def cmd_unet(a: argparse.Namespace) -> None:
     lat = torch.load(run / "latents.pt")
     states, index = _caption_states(a, data)
     init = T.load_unet_weights(a.init_from) if a.init_from else None
+    config = T.ARCHS[a.arch]["unet"]
     if init is not None:
         log.info("starting from %s", a.init_from)
     target = run / "export" / f"unet-{a.kind}.safetensors"
@@ -229,12 +237,12 @@ def cmd_unet(a: argparse.Namespace) -> None:
         batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds, device=a.device, seed=a.seed,
         checkpoint_path=run / f"unet-{a.kind}.ckpt", resume=a.resume, progress=not a.no_progress,
         on_checkpoint=on_ckpt, precision=a.precision, init_state=init, checkpoint_every_s=a.checkpoint_every,
-        warmup=a.warmup,
+        warmup=a.warmup, config=config,
     )
     _save_fp16(ema.state_dict(), target)
     _write_json(run / "export" / f"unet-{a.kind}.json", {
         "steps": plan.total, "batch_size": a.batch_size, "lr": a.lr, "precision": a.precision,
-        "init_from": a.init_from, "warmup": a.warmup, "history": plan.history,
+        "init_from": a.init_from, "warmup": a.warmup, "arch": a.arch, "config": config, "history": plan.history,
     })
 
 
@@ -260,6 +268,12 @@ def shipped_defaults() -> dict[str, dict[str, Any]]:
     return out
 
 
+def _meta(path: Path) -> dict[str, Any]:
+    """A stage's ``export/<stage>.json`` ({} when there is none): the architecture config it trained
+    (absent in runs from before ``--arch``: the shipped one) and its scaling factor."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def export(flat: Path, dest: Path, defaults: dict[str, dict[str, Any]] | None = None) -> None:
     """Assemble ``shapes-vae``, ``shapes-vp``, ``shapes-flow`` and ``shapes-evaluator`` folders
     (generation defaults: ``defaults``, else the shipped folders')."""
@@ -267,11 +281,11 @@ def export(flat: Path, dest: Path, defaults: dict[str, dict[str, Any]] | None = 
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     defaults = defaults or shipped_defaults()
-    vae_meta = json.loads((flat / "vae.json").read_text()) if (flat / "vae.json").is_file() else {}
+    vae_meta = _meta(flat / "vae.json")
     scale = float(vae_meta.get("scaling_factor", 1.0))
     vae_dir = dest / "shapes-vae"
     vae_dir.mkdir(parents=True, exist_ok=True)
-    AutoencoderKL(**T.VAE_CONFIG, scaling_factor=scale).save_config(str(vae_dir))
+    AutoencoderKL(**vae_meta.get("config", T.VAE_CONFIG), scaling_factor=scale).save_config(str(vae_dir))
     shutil.copyfile(flat / "vae.safetensors", vae_dir / "diffusion_pytorch_model.safetensors")
     for kind in ("vp", "flow"):
         src = flat / f"unet-{kind}.safetensors"
@@ -281,7 +295,8 @@ def export(flat: Path, dest: Path, defaults: dict[str, dict[str, Any]] | None = 
         d = dest / f"shapes-{kind}"
         (d / "unet").mkdir(parents=True, exist_ok=True)
         (d / "scheduler").mkdir(parents=True, exist_ok=True)
-        UNet2DConditionModel(**T.UNET_CONFIG).save_config(str(d / "unet"))
+        unet_config = _meta(flat / f"unet-{kind}.json").get("config", T.UNET_CONFIG)
+        UNet2DConditionModel(**unet_config).save_config(str(d / "unet"))
         shutil.copyfile(src, d / "unet" / "diffusion_pytorch_model.safetensors")
         (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(T.SCHEDULER_CONFIGS[kind], indent=2) + "\n")
         index = {
@@ -381,11 +396,31 @@ def fit_budgets(budgets: list[float], total: float, elapsed: float, reserve: flo
     return budgets[0] * scale
 
 
+# ``all``'s recipes: its options' values where the command line gives none. ``cpu-2h`` fits every
+# stage into 2 hours of a 2-core CPU (docs/benchmarks/models_cpu2h.md): the small architectures (a
+# quarter of the compute per sample), batches of 64 / 128 so the samples it can afford buy 4x more
+# updates, the VAE in bf16 autocast (1.6x faster on a CPU with AVX512-BF16; the UNet is slower in
+# bf16 there), 60,000 images (fewer captions to encode: the denoisers see each image ~7 times).
+RECIPES: dict[str, dict[str, Any]] = {
+    "shipped": {"arch": "shipped", "n": 200_000, "vae_seconds": 1800, "vae_batch_size": 256, "vae_precision": "auto",
+                "evaluator_seconds": 900, "unet_seconds": 2100, "unet_batch_size": 512},
+    "cpu-2h": {"arch": "small", "n": 60_000, "vae_seconds": 1500, "vae_batch_size": 64, "vae_precision": "bf16",
+               "evaluator_seconds": 600, "unet_seconds": 2150, "unet_batch_size": 128},
+}
+
+
 def cmd_all(a: argparse.Namespace) -> None:
     t0 = time.time()
+    for k, v in RECIPES[a.recipe].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    arch = {"arch": a.arch}
     stages: list[tuple[str, dict[str, Any], float | None]] = [  # (stage, its options, training time budget)
-        ("data", {}, None), ("vae", {}, a.vae_seconds), ("evaluator", {}, a.evaluator_seconds), ("captions", {}, None),
-        ("unet", {"kind": "vp"}, a.unet_seconds), ("unet", {"kind": "flow"}, a.unet_seconds),
+        ("data", {}, None),
+        ("vae", {**arch, "batch_size": a.vae_batch_size, "precision": a.vae_precision}, a.vae_seconds),
+        ("evaluator", {}, a.evaluator_seconds), ("captions", {}, None),
+        ("unet", {"kind": "vp", **arch, "batch_size": a.unet_batch_size}, a.unet_seconds),
+        ("unet", {"kind": "flow", **arch, "batch_size": a.unet_batch_size}, a.unet_seconds),
     ]
     parser = build_parser()
     wall: dict[str, float] = {}
@@ -418,6 +453,8 @@ def cmd_all(a: argparse.Namespace) -> None:
         wall[label] = round(time.time() - t, 1)
     wall["total"] = round(time.time() - t0, 1)
     _write_json(Path(a.run) / "export" / "all.json", {"device": a.device, "torch_threads": torch.get_num_threads(),
+                                                      "recipe": a.recipe,
+                                                      "options": {k: getattr(a, k) for k in RECIPES[a.recipe]},
                                                       "total_seconds_budget": a.total_seconds,
                                                       "wall_seconds": wall})
     if a.dest:
@@ -435,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--steps", type=int, default=steps)
         s.add_argument("--batch-size", type=int, default=bs)
         s.add_argument("--lr", type=float, default=lr)
-        s.add_argument("--max-seconds", type=float, default=None, help="time budget (shortens the schedule)")
+        s.add_argument("--max-seconds", type=float, default=None, help="time budget (the schedule is fitted to it)")
         s.add_argument("--resume", action="store_true")
         s.add_argument("--no-progress", action="store_true")
         s.add_argument("--precision", choices=T.PRECISIONS, default="auto",
@@ -457,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("vae", help="train the AutoencoderKL")
     common(s, 20_000, 256, 5e-4)
+    s.add_argument("--arch", choices=sorted(T.ARCHS), default="shipped",
+                   help="shipped: the package's VAE; small: half the channels (the 2-hour CPU recipe)")
     s.set_defaults(func=cmd_vae)
 
     s = sub.add_parser("evaluator", help="train the attribute classifier")
@@ -466,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("unet", help="train a denoiser (vp: epsilon, scaled-linear; flow: rectified flow)")
     common(s, 50_000, 512, 5e-4)
     s.add_argument("--kind", choices=["vp", "flow"], required=True)
+    s.add_argument("--arch", choices=sorted(T.ARCHS), default="shipped",
+                   help="shipped: the package's UNet; small: half the channels (the 2-hour CPU recipe)")
     s.add_argument("--text-encoder", default=None, help="text encoder folder (default: the bundled MiniLM)")
     s.add_argument("--init-from", default=None,
                    help="start from these weights (a .safetensors file, a unet folder or a model folder such as "
@@ -522,11 +563,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", default="runs/shapes")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--n", type=int, default=200_000)
+    s.add_argument("--recipe", choices=sorted(RECIPES), default="shipped",
+                   help="shipped: the package's architectures at the stage budgets below; cpu-2h: the small "
+                        "architectures, smaller batches, a bf16 VAE and 60,000 images, to train everything on a "
+                        "2-core CPU in 2 hours. Any option below overrides the recipe's value: "
+                        + "; ".join(f"{r}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for r, o in RECIPES.items()))
+    s.add_argument("--arch", choices=sorted(T.ARCHS), default=None)
+    s.add_argument("--n", type=int, default=None, help="training images to render")
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    s.add_argument("--vae-seconds", type=float, default=1800)
-    s.add_argument("--evaluator-seconds", type=float, default=900)
-    s.add_argument("--unet-seconds", type=float, default=2100)
+    s.add_argument("--vae-seconds", type=float, default=None)
+    s.add_argument("--vae-batch-size", type=int, default=None)
+    s.add_argument("--vae-precision", choices=T.PRECISIONS, default=None)
+    s.add_argument("--evaluator-seconds", type=float, default=None)
+    s.add_argument("--unet-seconds", type=float, default=None)
+    s.add_argument("--unet-batch-size", type=int, default=None)
     s.add_argument("--total-seconds", type=float, default=7200,
                    help="wall-time budget for the whole run (default 2 hours): the training stages' budgets "
                         "shrink in proportion when rendering, caption encoding and evaluation leave less "

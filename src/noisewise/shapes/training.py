@@ -2,8 +2,10 @@
 evaluator. Used by ``train/train_shapes.py``; seeded, with progress bars, checkpoints and resume.
 
 Every loop takes ``steps`` (the schedule length) and an optional ``max_seconds``: with a time budget
-the loop measures its speed after a few steps and shortens the schedule to fit, and records the
-step count it settled on, so ``steps=<that count>`` without a budget repeats the run.
+the loop measures its speed after a few steps and fits the schedule to the budget (refitting it
+as it goes), and records the step count it settled on. Runs without a budget are exactly
+repeatable; ``steps=<that count>`` trains as many steps as the time-boxed run, on a learning-rate
+schedule that differs in its warm-up and in the refits.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
     # SD3 / Flux: rectified flow, velocity prediction, model time 1000 * t
     "flow": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0},
 }
+# The architectures a run can train: ``shipped`` (the weights in the package, trained on a GPU) and
+# ``small``, half the channels (a quarter of the compute per sample, ~4x fewer parameters), the one
+# the 2-hour CPU recipe trains (``train_shapes.py all --recipe cpu-2h``). Attention heads keep the
+# shipped head width (8 and 16 channels).
+ARCHS: dict[str, dict[str, dict[str, Any]]] = {
+    "shipped": {"vae": VAE_CONFIG, "unet": UNET_CONFIG},
+    "small": {
+        "vae": {**VAE_CONFIG, "block_out_channels": [32, 64, 64], "norm_num_groups": 16},
+        "unet": {**UNET_CONFIG, "block_out_channels": [32, 64], "norm_num_groups": 16, "attention_head_dim": 4},
+    },
+}
 TEXT_MAX_LENGTH = 32
 
 Kind = Literal["vp", "flow"]
@@ -61,12 +74,14 @@ Kind = Literal["vp", "flow"]
 
 @dataclass
 class Plan:
-    """Step budget: ``total`` may shrink once the loop knows its speed (``max_seconds``)."""
+    """Step budget. With ``max_seconds``, ``total`` is fitted to the budget once the loop knows its
+    speed (after ``measured_at`` steps) and refitted at 2x, 4x, 8x ... that, never above the steps
+    asked for: slow first steps (allocation, a briefly busy machine) then cost little of the budget."""
 
     total: int
     max_seconds: float | None = None
     warmup: int = 100
-    measured_at: int = 30
+    measured_at: int = 30  # > 5: the speed is measured from step 5 on
     history: list[dict[str, float]] = field(default_factory=list)
 
     def lr_factor(self, step: int) -> float:
@@ -111,6 +126,7 @@ def train_loop(
         bar.update(start_step)
     step = start_step
     t_measure = t0
+    requested = plan.total
     while step < plan.total and (stop_at is None or step < stop_at):
         loss = step_fn(step).detach()
         acc = loss if acc is None else acc + loss
@@ -118,16 +134,20 @@ def train_loop(
         step += 1
         if bar is not None:
             bar.update(1)
-        if plan.max_seconds is not None and step == start_step + 5:
+        done = step - start_step
+        if plan.max_seconds is not None and done == 5:
             t_measure = time.perf_counter()
-        if plan.max_seconds is not None and step == start_step + plan.measured_at:
-            per_step = (time.perf_counter() - t_measure) / (plan.measured_at - 5)
+        if (plan.max_seconds is not None and done % plan.measured_at == 0
+                and _is_power_of_two(done // plan.measured_at)):
+            # fit the schedule to the budget at step 30, and again at 60, 120, 240, ...: the first
+            # steps can be slower (allocation, a busy machine) and would otherwise leave time unused
+            per_step = (time.perf_counter() - t_measure) / (done - 5)
             left = plan.max_seconds - (time.perf_counter() - t0)
-            fit = step + int(0.97 * left / per_step)
-            if fit < plan.total:
-                logger.info("%s: %.1f ms/step, schedule shortened to %d steps to fit %.0f s",
+            fit = max(step + 1, min(requested, step + int(0.97 * left / per_step)))
+            if fit != plan.total:
+                logger.info("%s: %.1f ms/step, schedule set to %d steps to fit %.0f s",
                             desc, 1e3 * per_step, fit, plan.max_seconds)
-                plan.total = max(step + 1, fit)
+                plan.total = fit
                 if bar is not None:
                     bar.total = plan.total
         if step % log_every == 0 or step == plan.total:
@@ -150,6 +170,10 @@ def train_loop(
     if bar is not None:
         bar.close()
     return step
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def _optimizer(params: Any, lr: float, plan: Plan, weight_decay: float = 0.0) -> tuple[Any, Any]:
