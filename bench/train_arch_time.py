@@ -5,9 +5,11 @@ the measurement behind ``train_shapes.py all --recipe cpu-2h`` (docs/benchmarks/
     python bench/train_arch_time.py vae    # AutoencoderKL, batch 64: shipped, half, quarter channels
     python bench/train_arch_time.py unet   # UNet2DConditionModel, batch 128: shipped, 1 layer/block, half, both
 
-Random data, AdamW, the real training losses (``vae_loss``, ``denoiser_loss``), 2 torch threads, mean
-of 4 steps after 2 warm-up steps. Prints one line per configuration. (The ``half`` UNet rows use the
-shipped 8 attention heads; the recipe's ``small`` UNet keeps the shipped head width with 4 heads.)
+Random data, AdamW, the real training losses, 2 torch threads. VAE: ``vae_loss``, backward, AdamW,
+mean of 4 steps after 2 warm-up steps. UNet: ``training.time_denoiser_steps``, the whole training
+step (clipping and EMA too), about 8 s after 3 warm-up steps. Prints one line per configuration.
+(The ``half`` UNet rows use the shipped 8 attention heads; the recipe's ``small`` UNet keeps the
+shipped head width with 4 heads.)
 """
 from __future__ import annotations
 
@@ -48,19 +50,10 @@ def vae_step(cfg: dict, bs: int, prec: str) -> tuple[float, int]:
 
 
 def unet_step(cfg: dict, bs: int, prec: str, kind: str = "vp") -> tuple[float, int]:
-    unet = UNet2DConditionModel(**cfg).train()
-    opt = torch.optim.AdamW(unet.parameters(), 1e-4)
-    z, c = torch.randn(bs, 4, 8, 8), torch.randn(bs, 32, 384)
-    acp, g = T.vp_alphas_cumprod(), torch.Generator().manual_seed(0)
-
-    def f() -> None:
-        with T._autocast(CPU, prec):
-            loss = T.denoiser_loss(kind, unet, z, c, g, acp)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return mean_seconds(f), sum(p.numel() for p in unet.parameters())
+    """``training.time_denoiser_steps``: the training step ``train_denoiser`` takes (clipping and EMA
+    included), timed for about 8 s after 3 warm-up steps."""
+    s = T.time_denoiser_steps(kind, [bs], seconds=8.0, precision=prec, config=cfg, warmup=3)[bs]
+    return s, sum(p.numel() for p in UNet2DConditionModel(**cfg).parameters())
 
 
 def main() -> None:

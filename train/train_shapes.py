@@ -398,7 +398,7 @@ def fit_budgets(budgets: list[float], total: float, elapsed: float, reserve: flo
 
 # ``all``'s recipes: its options' values where the command line gives none. ``cpu-2h`` fits every
 # stage into 2 hours of a 2-core CPU (docs/benchmarks/models_cpu2h.md): the small architectures
-# (2.2-3.3x less compute per sample), batches of 64 / 128 so the samples it can afford buy 4x more
+# (1.9-3.3x less compute per sample), batches of 64 / 128 so the samples it can afford buy 4x more
 # updates, the VAE in bf16 autocast (1.6-1.8x faster on a CPU with AVX512-BF16; the UNet is slower in
 # bf16 there), 60,000 images (fewer captions to encode: the denoisers see each image ~5 times).
 RECIPES: dict[str, dict[str, Any]] = {

@@ -52,7 +52,7 @@ SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
     "flow": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0},
 }
 # The architectures a run can train: ``shipped`` (the weights in the package, trained on a GPU) and
-# ``small``, half the channels (2.2-3.3x less compute per training sample, 3.5-4x fewer parameters), the one
+# ``small``, half the channels (1.9-3.3x less compute per training sample, 3.5-4x fewer parameters), the one
 # the 2-hour CPU recipe trains (``train_shapes.py all --recipe cpu-2h``). Attention heads keep the
 # shipped head width (8 and 16 channels).
 ARCHS: dict[str, dict[str, dict[str, Any]]] = {
