@@ -3,6 +3,7 @@ with a checkpoint in between ends exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -353,6 +354,17 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
 
     for name in ("data", "vae", "evaluator", "captions", "unet"):
         monkeypatch.setattr(ts, f"cmd_{name}", stage(name))
+    spawned = []
+
+    def spawn(argv, log_path, threads):  # the lanes' processes, run here in turn (the stages are fakes)
+        spawned.append((argv[0] + (f"-{argv[argv.index('--kind') + 1]}" if "--kind" in argv else ""), threads,
+                        "--no-progress" in argv, log_path.name))
+        sub = ts.build_parser().parse_args(argv)
+        sub.func(sub)
+        return type("Done", (), {"poll": lambda self: 0})()
+
+    monkeypatch.setattr(ts, "_spawn", spawn)
+    monkeypatch.setattr(ts, "_POLL_SECONDS", 0.0)
     ts.main(["all", "--recipe", "cpu-2h", "--run", str(tmp_path), "--device", "cpu"])
     r = ts.RECIPES["cpu-2h"]
     assert seen["data"]["n"] == r["n"] == 60_000
@@ -361,11 +373,42 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
         assert seen[f"unet-{kind}"] == {"arch": "small", "batch_size": 128, "precision": "auto",
                                         "max_seconds": r["unet_seconds"]}
     assert seen["evaluator"]["max_seconds"] == r["evaluator_seconds"]
+    # two lanes: the VAE beside the evaluator then the captions, then the two denoisers side by side,
+    # each its own process with half the threads and no progress bar (they log to <run>/logs/)
+    half = max(1, torch.get_num_threads() // 2)
+    assert spawned == [("vae", half, True, "vae.log"), ("evaluator", half, True, "evaluator.log"),
+                       ("captions", half, False, "captions.log"), ("unet-vp", half, True, "unet-vp.log"),
+                       ("unet-flow", half, True, "unet-flow.log")]
     meta = json.loads((tmp_path / "export" / "all.json").read_text())
-    assert meta["recipe"] == "cpu-2h" and meta["options"] == r
+    assert meta["recipe"] == "cpu-2h" and meta["options"] == r and meta["lanes"] == 2
+    assert set(meta["wall_seconds"]) == {"data", "vae", "evaluator", "captions", "unet-vp", "unet-flow", "total"}
+    spawned.clear()
     ts.main(["all", "--recipe", "cpu-2h", "--run", str(tmp_path), "--device", "cpu", "--arch", "shipped",
-             "--unet-batch-size", "256", "--n", "1000"])
+             "--unet-batch-size", "256", "--n", "1000", "--lanes", "1"])
     assert seen["unet-vp"]["arch"] == seen["vae"]["arch"] == "shipped" and seen["unet-flow"]["batch_size"] == 256
     assert seen["data"]["n"] == 1000 and seen["vae"]["batch_size"] == 64
+    assert spawned == []  # one lane: every stage in this process, in turn
     ts.main(["all", "--run", str(tmp_path), "--device", "cpu"])  # the default recipe: the shipped architectures
     assert seen["vae"]["arch"] == "shipped" and seen["vae"]["batch_size"] == 256 and seen["data"]["n"] == 200_000
+    assert spawned == []
+    with pytest.raises(SystemExit, match="--vae-seconds must be > 0"):
+        ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--vae-seconds", "0"])
+
+
+def test_lanes_run_stage_processes_side_by_side_and_a_failure_stops_the_rest(tmp_path):
+    """``_run_lanes`` with real processes: two lanes' stages both finish and log; a stage that fails
+    names its log and stops the other lane's long stage instead of leaving it running."""
+    ts = _train_script()
+    small = ["--n", "8", "--heldout", "4", "--workers", "1", "--captions", "1"]
+    wall = ts._run_lanes([[("a", ["data", "--run", str(tmp_path / "a"), *small])],
+                          [("b", ["data", "--run", str(tmp_path / "b"), *small])]], tmp_path, 1)
+    assert set(wall) == {"a", "b"}
+    assert (tmp_path / "a" / "data" / "images.npy").is_file() and (tmp_path / "b" / "data" / "images.npy").is_file()
+    assert (tmp_path / "logs" / "a.log").is_file()
+    t = time.time()
+    long = ["data", "--run", str(tmp_path / "long"), "--n", "2000000", "--workers", "1"]
+    bad = ["unet", "--run", str(tmp_path / "missing"), "--kind", "vp", "--device", "cpu", "--steps", "1"]
+    with pytest.raises(SystemExit, match=r"stage bad failed \(exit 1\).*logs/bad.log"):
+        ts._run_lanes([[("long", long)], [("bad", bad)]], tmp_path, 1)
+    assert time.time() - t < 120  # rendering 2,000,000 images would take far longer
+    assert not (tmp_path / "long" / "data" / "images.npy").exists()

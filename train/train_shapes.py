@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -403,10 +404,57 @@ def fit_budgets(budgets: list[float], total: float, elapsed: float, reserve: flo
 # bf16 there), 60,000 images (fewer captions to encode: the denoisers see each image ~5 times).
 RECIPES: dict[str, dict[str, Any]] = {
     "shipped": {"arch": "shipped", "n": 200_000, "vae_seconds": 1800, "vae_batch_size": 256, "vae_precision": "auto",
-                "evaluator_seconds": 900, "unet_seconds": 2100, "unet_batch_size": 512},
+                "evaluator_seconds": 900, "unet_seconds": 2100, "unet_batch_size": 512, "lanes": 1},
     "cpu-2h": {"arch": "small", "n": 60_000, "vae_seconds": 1500, "vae_batch_size": 64, "vae_precision": "bf16",
-               "evaluator_seconds": 600, "unet_seconds": 2150, "unet_batch_size": 128},
+               "evaluator_seconds": 600, "unet_seconds": 5400, "unet_batch_size": 128, "lanes": 2},
 }
+
+
+def _spawn(argv: list[str], log_path: Path, threads: int) -> subprocess.Popen[bytes]:
+    """One stage as its own process (``threads`` torch threads), its output in ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as out:
+        return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
+def _run_lanes(lanes: list[list[tuple[str, list[str]]]], run: Path, threads: int) -> dict[str, float]:
+    """Run the lanes side by side, each its (label, argv) stages in order, each stage a process;
+    returns every stage's wall seconds. A failing stage stops the others and names its log."""
+    todo = [list(lane) for lane in lanes]
+    live: list[tuple[str, Path, Any, float] | None] = [None] * len(todo)
+    wall: dict[str, float] = {}
+    try:
+        while any(todo) or any(live):
+            for i, lane in enumerate(todo):
+                cur = live[i]
+                if cur is not None:
+                    label, log_path, proc, t = cur
+                    rc = proc.poll()
+                    if rc is None:
+                        continue
+                    if rc != 0:
+                        tail = log_path.read_text(errors="replace").splitlines()[-5:]
+                        raise SystemExit(f"stage {label} failed (exit {rc}); the other stages were stopped. "
+                                         f"Its log, {log_path}, ends:\n" + "\n".join(tail))
+                    wall[label] = round(time.time() - t, 1)
+                    log.info("stage %s done in %.0f s", label, wall[label])
+                    live[i] = None
+                if lane:
+                    label, argv = lane.pop(0)
+                    log_path = run / "logs" / f"{label}.log"
+                    log.info("stage %s (%d thread(s), log %s): %s", label, threads, log_path, " ".join(argv))
+                    live[i] = (label, log_path, _spawn(argv, log_path, threads), time.time())
+            time.sleep(_POLL_SECONDS)
+    finally:
+        for cur in live:
+            if cur is not None and cur[2].poll() is None:
+                cur[2].terminate()
+                cur[2].wait()
+    return wall
+
+
+_POLL_SECONDS = 1.0
 
 
 def cmd_all(a: argparse.Namespace) -> None:
@@ -414,6 +462,9 @@ def cmd_all(a: argparse.Namespace) -> None:
     for k, v in RECIPES[a.recipe].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    for name, budget in (("vae", a.vae_seconds), ("evaluator", a.evaluator_seconds), ("unet", a.unet_seconds)):
+        if budget <= 0:
+            raise SystemExit(f"--{name}-seconds must be > 0, got {budget:g}")
     arch = {"arch": a.arch}
     stages: list[tuple[str, dict[str, Any], float | None]] = [  # (stage, its options, training time budget)
         ("data", {}, None),
@@ -422,10 +473,14 @@ def cmd_all(a: argparse.Namespace) -> None:
         ("unet", {"kind": "vp", **arch, "batch_size": a.unet_batch_size}, a.unet_seconds),
         ("unet", {"kind": "flow", **arch, "batch_size": a.unet_batch_size}, a.unet_seconds),
     ]
-    parser = build_parser()
-    wall: dict[str, float] = {}
-    for i, (name, extra, budget) in enumerate(stages):
-        label = name + (f"-{extra['kind']}" if "kind" in extra else "")
+    # with two lanes, the stages that do not need each other run side by side: the VAE beside the
+    # evaluator and the captions, then the two denoisers; each phase's budget is its longest stage's
+    phases = ([["data"], ["vae"], ["evaluator", "captions"], ["unet-vp"], ["unet-flow"]] if a.lanes == 1 else
+              [["data"], ["vae", "evaluator", "captions"], ["unet-vp", "unet-flow"]])
+    labels = [name + (f"-{extra['kind']}" if "kind" in extra else "") for name, extra, _ in stages]
+
+    def argv_of(i: int, scale: float) -> list[str] | None:
+        name, extra, budget = stages[i]
         argv = [name, "--run", a.run, "--device", a.device]
         if name != "captions":
             argv += ["--seed", str(a.seed)]
@@ -438,21 +493,44 @@ def cmd_all(a: argparse.Namespace) -> None:
         for k, v in extra.items():
             argv += [f"--{k.replace('_', '-')}", str(v)]
         if budget is not None:
-            later = [b for _, _, b in stages[i:] if b is not None]
-            if a.total_seconds:
-                budget = fit_budgets(later, a.total_seconds, time.time() - t0)
-            argv += ["--max-seconds", f"{budget:.0f}"]
+            argv += ["--max-seconds", f"{budget * scale:.0f}"]
+            if a.lanes > 1:
+                argv.append("--no-progress")  # two progress bars would garble one terminal: see the logs
         if name == "data" and a.resume and (Path(a.run) / "data" / "images.npy").is_file():
-            continue
+            return None
         if name == "captions" and a.resume and (Path(a.run) / "captions.pt").is_file():
-            continue  # unet checks that the file was written for these captions
-        log.info("stage %s: %s", label, " ".join(argv))
-        t = time.time()
-        sub = parser.parse_args(argv)
-        sub.func(sub)
-        wall[label] = round(time.time() - t, 1)
+            return None  # unet checks that the file was written for these captions
+        return argv
+
+    parser = build_parser()
+    wall: dict[str, float] = {}
+    threads = max(1, torch.get_num_threads() // a.lanes)
+    for p, phase in enumerate(phases):
+        idx = [labels.index(label) for label in phase]
+        # a phase's time-boxed budget is its longest stage's; later phases' too, so the run fits --total-seconds
+        longest = [max([stages[labels.index(lb)][2] or 0.0 for lb in ph]) for ph in phases[p:]]
+        later = [b for b in longest if b > 0]
+        scale = 1.0
+        if a.total_seconds and longest[0] > 0:
+            scale = fit_budgets(later, a.total_seconds, time.time() - t0) / longest[0]
+        argvs = {labels[i]: argv_of(i, scale) for i in idx}
+        if len(idx) == 1 or a.lanes == 1:
+            for label, argv in argvs.items():
+                if argv is None:
+                    continue
+                log.info("stage %s: %s", label, " ".join(argv))
+                t = time.time()
+                sub = parser.parse_args(argv)
+                sub.func(sub)
+                wall[label] = round(time.time() - t, 1)
+        else:
+            lanes = ([[("vae", argvs["vae"])], [(lb, argvs[lb]) for lb in ("evaluator", "captions")]]
+                     if "vae" in argvs else [[(lb, argv)] for lb, argv in argvs.items()])
+            lanes = [[(lb, argv) for lb, argv in lane if argv is not None] for lane in lanes]
+            wall.update(_run_lanes(lanes, Path(a.run), threads))
     wall["total"] = round(time.time() - t0, 1)
     _write_json(Path(a.run) / "export" / "all.json", {"device": a.device, "torch_threads": torch.get_num_threads(),
+                                                      "lanes": a.lanes, "threads_per_lane": threads,
                                                       "recipe": a.recipe,
                                                       "options": {k: getattr(a, k) for k in RECIPES[a.recipe]},
                                                       "total_seconds_budget": a.total_seconds,
@@ -577,6 +655,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--evaluator-seconds", type=float, default=None)
     s.add_argument("--unet-seconds", type=float, default=None)
     s.add_argument("--unet-batch-size", type=int, default=None)
+    s.add_argument("--lanes", type=int, choices=(1, 2), default=None,
+                   help="1: one stage at a time with all the torch threads; 2: the VAE beside the evaluator and "
+                        "the captions, then the two denoisers side by side, each stage its own process with half "
+                        "the threads (on a 2-core CPU one thread each trains ~1.8x more than two threads in turn; "
+                        "each stage then logs to <run>/logs/<stage>.log)")
     s.add_argument("--total-seconds", type=float, default=7200,
                    help="wall-time budget for the whole run (default 2 hours): the training stages' budgets "
                         "shrink in proportion when rendering, caption encoding and evaluation leave less "
