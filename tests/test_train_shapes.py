@@ -335,6 +335,33 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     pipe = Pipeline.from_pretrained(tmp_path / "models" / "shapes-flow", device="cpu")
     out = pipe("a red circle", num_images=2, seed=0, steps=2)
     assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
+    shipped_flow = ts.shipped_defaults()["flow"]
+    assert pipe.defaults == {**pipe.defaults, **shipped_flow}  # no defaults chosen yet: the shipped ones
+
+    # the defaults stage: probe guidance scales with the run's evaluator, write the choice, export it
+    ts.main(["evaluator", "--run", run, "--device", "cpu", "--steps", "2", "--batch-size", "8", "--no-progress"])
+    ts.main(["defaults", "--run", run, "--device", "cpu", "--n-prompts", "4", "--guidance", "1", "6",
+             "--dest", str(tmp_path / "models")])
+    chosen = json.loads((tmp_path / "export" / "defaults.json").read_text())
+    probe = {float(w): acc for w, acc in chosen["probe"]["flow"].items()}
+    assert sorted(probe) == [1.0, 6.0] and "vp" not in chosen["defaults"]  # only flow was trained
+    best = ts.choose_guidance(probe)
+    assert chosen["defaults"]["flow"] == {**shipped_flow, "guidance_scale": best}
+    for folder in (tmp_path / "models", tmp_path / "weights"):
+        index = json.loads((folder / "shapes-flow" / "model_index.json").read_text())
+        assert index["_noisewise"]["defaults"] == {**shipped_flow, "guidance_scale": best}
+    ts.main(["export", "--run", run, "--dest", str(tmp_path / "again")])  # a later export keeps the choice
+    index = json.loads((tmp_path / "again" / "shapes-flow" / "model_index.json").read_text())
+    assert index["_noisewise"]["defaults"]["guidance_scale"] == best
+
+
+def test_choose_guidance_takes_the_best_mean_accuracy_and_the_lowest_scale_among_equals():
+    ts = _train_script()
+    acc = {"background": 1.0, "shape": 0.8, "color": 0.8, "size": 0.9, "position": 0.9, "defect_rate": 0.1}
+    better = {**acc, "color": 0.9}
+    assert ts.choose_guidance({2.0: acc, 3.0: better, 5.0: acc}) == 3.0
+    assert ts.choose_guidance({5.0: better, 3.0: better, 2.0: acc}) == 3.0
+    assert ts.choose_guidance({4.0: acc, 2.0: {**acc, "defect_rate": 0.9}}) == 2.0  # defects do not count
 
 
 def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path):
@@ -373,12 +400,11 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
         assert seen[f"unet-{kind}"] == {"arch": "small", "batch_size": 128, "precision": "auto",
                                         "max_seconds": r["unet_seconds"]}
     assert seen["evaluator"]["max_seconds"] == r["evaluator_seconds"]
-    # two lanes: the VAE beside the evaluator then the captions, then the two denoisers side by side,
-    # each its own process with half the threads and no progress bar (they log to <run>/logs/)
+    # two lanes: the VAE alone, then the evaluator beside the captions, then the two denoisers side by
+    # side, each its own process with half the threads and no progress bar (they log to <run>/logs/)
     half = max(1, torch.get_num_threads() // 2)
-    assert spawned == [("vae", half, True, "vae.log"), ("evaluator", half, True, "evaluator.log"),
-                       ("captions", half, False, "captions.log"), ("unet-vp", half, True, "unet-vp.log"),
-                       ("unet-flow", half, True, "unet-flow.log")]
+    assert spawned == [("evaluator", half, True, "evaluator.log"), ("captions", half, False, "captions.log"),
+                       ("unet-vp", half, True, "unet-vp.log"), ("unet-flow", half, True, "unet-flow.log")]
     meta = json.loads((tmp_path / "export" / "all.json").read_text())
     assert meta["recipe"] == "cpu-2h" and meta["options"] == r and meta["lanes"] == 2
     assert set(meta["wall_seconds"]) == {"data", "vae", "evaluator", "captions", "unet-vp", "unet-flow", "total"}
