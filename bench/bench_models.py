@@ -72,11 +72,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--evaluator", default=None,
                     help="evaluator folder (default: the shipped one), e.g. one a training run exported")
+    ap.add_argument("--second-evaluator", default=None,
+                    help="also read the same images with this evaluator folder (e.g. a training run's own); "
+                         "its accuracies go under 'second_evaluator' in models.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ev = Evaluator.from_pretrained(a.evaluator, device=a.device)
+    ev2 = Evaluator.from_pretrained(a.second_evaluator, device=a.device) if a.second_evaluator else None
     prompts = benchmark_prompts(a.prompts)
     requests = [parse_prompt(p) for p in prompts]
     def reqs_for(seeds: int) -> list:
@@ -111,13 +115,17 @@ def main() -> None:
             results[key] = {**acc, "sampler": d["sampler"], "steps": d["steps"], "guidance_scale": d["guidance_scale"],
                             "negative_prompt": d["negative_prompt"] if neg is None else ""}
             print(key, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in acc.items()}), flush=True)
+            if ev2 is not None:
+                results[key]["second_evaluator"] = attribute_accuracy(reqs_for(seeds), ev2.predict(imgs))
+                print(f"{key}, second evaluator", json.dumps({k: round(v, 4) for k, v in
+                                                              results[key]["second_evaluator"].items()}), flush=True)
             if neg is None:
                 grid = pipe([p for p in GRID_PROMPTS for _ in range(8)], seed=0).images
                 save_grid(grid, 8, out / f"samples-{Path(name).name}.png")
     meta = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()}, {a.device}, torch {torch.__version__}",
-        "evaluator": a.evaluator or "shipped",
+        "evaluator": a.evaluator or "shipped", "second_evaluator": a.second_evaluator,
         "prompts": a.prompts, "seeds": a.seeds, "results": results,
     }
     (out / "models.json").write_text(json.dumps(meta, indent=1) + "\n")

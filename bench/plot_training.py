@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Training curves of the shipped shapes models, from docs/benchmarks/models_training.json.
+"""Training curves of the shipped shapes models, from docs/benchmarks/models_training.json, and of
+the 2-hour CPU runs, from docs/benchmarks/models_cpu2h.json.
 
-    python bench/plot_training.py      # -> docs/benchmarks/models_training.png
+    python bench/plot_training.py          # -> docs/benchmarks/models_training.png
+    python bench/plot_training.py --cpu2h  # -> docs/benchmarks/models_cpu2h_training.png
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -47,5 +50,31 @@ def _resume_step(data: dict, title: str) -> int:
     return h[-1]["step"]
 
 
+CPU2H_RUNS = {"recipe_cpu_2h": "cpu-2h, two lanes (session 8)",
+              "second_attempt_one_stage_at_a_time": "cpu-2h, one stage at a time (session 7)"}
+
+
+def cpu2h() -> None:
+    """Loss against training seconds, per stage, for the 2-hour CPU runs: the same budget, the steps
+    each arrangement fits in it."""
+    data = json.loads((DOCS / "models_cpu2h.json").read_text())
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for ax, key in zip(axes, ["vae", "evaluator", "unet-vp", "unet-flow"]):
+        for run, label in CPU2H_RUNS.items():
+            if run not in data or key not in data[run]:
+                continue
+            h = data[run][key]["history"]
+            ax.plot([p["time"] for p in h], [p["loss"] for p in h], label=f"{label}: {h[-1]['step']:,} steps")
+        ax.set_yscale("log")
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("training seconds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("training loss (mean of 100 steps)")
+    fig.tight_layout()
+    fig.savefig(DOCS / "models_cpu2h_training.png", dpi=110)
+    print("wrote", DOCS / "models_cpu2h_training.png")
+
+
 if __name__ == "__main__":
-    main()
+    cpu2h() if "--cpu2h" in sys.argv[1:] else main()

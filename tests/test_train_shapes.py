@@ -362,6 +362,8 @@ def test_choose_guidance_takes_the_best_mean_accuracy_and_the_lowest_scale_among
     assert ts.choose_guidance({2.0: acc, 3.0: better, 5.0: acc}) == 3.0
     assert ts.choose_guidance({5.0: better, 3.0: better, 2.0: acc}) == 3.0
     assert ts.choose_guidance({4.0: acc, 2.0: {**acc, "defect_rate": 0.9}}) == 2.0  # defects do not count
+    no_size = {**acc, "size": float("nan")}  # no probe prompt named a size
+    assert ts.choose_guidance({2.0: no_size, 3.0: {**no_size, "shape": 0.9}}) == 3.0
 
 
 def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path):
@@ -375,8 +377,8 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
     def stage(name):
         def run(a):
             label = name + (f"-{a.kind}" if name == "unet" else "")
-            seen[label] = {k: getattr(a, k) for k in ("arch", "batch_size", "precision", "n", "max_seconds")
-                           if hasattr(a, k)}
+            seen[label] = {k: getattr(a, k) for k in ("arch", "batch_size", "precision", "n", "max_seconds",
+                                                      "no_progress") if hasattr(a, k)}
         return run
 
     for name in ("data", "vae", "evaluator", "captions", "unet"):
@@ -395,10 +397,11 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
     ts.main(["all", "--recipe", "cpu-2h", "--run", str(tmp_path), "--device", "cpu"])
     r = ts.RECIPES["cpu-2h"]
     assert seen["data"]["n"] == r["n"] == 60_000
-    assert seen["vae"] == {"arch": "small", "batch_size": 64, "precision": "bf16", "max_seconds": r["vae_seconds"]}
+    assert seen["vae"] == {"arch": "small", "batch_size": 64, "precision": "bf16", "max_seconds": r["vae_seconds"],
+                           "no_progress": False}  # alone: its progress bar stays
     for kind in ("vp", "flow"):
         assert seen[f"unet-{kind}"] == {"arch": "small", "batch_size": 128, "precision": "auto",
-                                        "max_seconds": r["unet_seconds"]}
+                                        "max_seconds": r["unet_seconds"], "no_progress": True}
     assert seen["evaluator"]["max_seconds"] == r["evaluator_seconds"]
     # two lanes: the VAE alone, then the evaluator beside the captions, then the two denoisers side by
     # side, each its own process with half the threads and no progress bar (they log to <run>/logs/)
@@ -438,3 +441,46 @@ def test_lanes_run_stage_processes_side_by_side_and_a_failure_stops_the_rest(tmp
         ts._run_lanes([[("long", long)], [("bad", bad)]], tmp_path, 1)
     assert time.time() - t < 120  # rendering 2,000,000 images would take far longer
     assert not (tmp_path / "long" / "data" / "images.npy").exists()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="reads /proc to find the stage processes")
+def test_killing_a_laned_run_stops_its_stage_processes(tmp_path):
+    """A ``kill`` (SIGTERM) of the run that drives the lanes also stops the stage processes it started,
+    instead of leaving them training in the background."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = SHIPPED.parent.parent.parent / "train" / "train_shapes.py"
+    marker = str(tmp_path / "long-run")
+    driver = (f"import importlib.util, pathlib; spec = importlib.util.spec_from_file_location('ts', {str(script)!r}); "
+              "ts = importlib.util.module_from_spec(spec); spec.loader.exec_module(ts); "
+              f"ts._run_lanes([[('long', ['data', '--run', {marker!r}, '--n', '2000000', '--workers', '1'])]], "
+              f"pathlib.Path({str(tmp_path)!r}), 1)")
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    try:
+        deadline = time.time() + 60
+        while len(_processes_mentioning(marker)) < 2 and time.time() < deadline:  # the driver and its stage
+            time.sleep(0.2)
+        assert [p for p in _processes_mentioning(marker) if p != proc.pid], "the stage process did not start"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 30
+        while _processes_mentioning(marker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _processes_mentioning(marker) == []
+    finally:  # never leave a stray renderer behind, whatever failed
+        for pid in _processes_mentioning(marker):
+            os.kill(pid, signal.SIGKILL)
