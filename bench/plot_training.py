@@ -77,4 +77,7 @@ def cpu2h() -> None:
 
 
 if __name__ == "__main__":
-    cpu2h() if "--cpu2h" in sys.argv[1:] else main()
+    if "--cpu2h" in sys.argv[1:]:
+        cpu2h()
+    else:
+        main()

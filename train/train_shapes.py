@@ -351,19 +351,42 @@ def _grid(images: np.ndarray, cols: int) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
+class _Probe:
+    """What ``samples`` and ``defaults`` measure with: the run exported to ``<run>/weights``, its own
+    evaluator, ``--n-prompts`` benchmark-style prompts of ``prompt_seed``, pipelines on ``--text-encoder``."""
+
+    def __init__(self, a: argparse.Namespace, prompt_seed: int) -> None:
+        from noisewise.shapes.captions import parse_prompt
+        from noisewise.shapes.evaluator import Evaluator, benchmark_prompts
+
+        self.a = a
+        run = Path(a.run)
+        export(run / "export", run / "weights")
+        self.evaluator = Evaluator.from_pretrained(run / "weights" / "shapes-evaluator", device=a.device)
+        self.prompts = benchmark_prompts(a.n_prompts, seed=prompt_seed)
+        self.requests = [parse_prompt(p) for p in self.prompts]
+
+    def pipeline(self, folder: Path) -> Any:
+        from noisewise.pipeline import Pipeline, TextEncoder
+
+        pipe = Pipeline.from_pretrained(folder, device=self.a.device)
+        pipe.text_encoder = TextEncoder(self.a.text_encoder, max_length=T.TEXT_MAX_LENGTH, device=self.a.device)
+        return pipe
+
+    def accuracy(self, pipe: Any, **kw: Any) -> dict[str, float]:
+        """The evaluator's accuracies (rounded; no counts) on ``pipe(prompts, **kw)``."""
+        from noisewise.shapes.evaluator import attribute_accuracy
+
+        acc = attribute_accuracy(self.requests, self.evaluator.predict(pipe(self.prompts, **kw).images))
+        return {k: round(v, 4) for k, v in acc.items() if not k.startswith("n_")}
+
+
 def cmd_samples(a: argparse.Namespace) -> None:
     """Quick check after training: a sample grid per model and a small attribute-accuracy probe."""
     from PIL import Image
 
-    from noisewise.pipeline import Pipeline, TextEncoder
-    from noisewise.shapes.captions import parse_prompt
-    from noisewise.shapes.evaluator import Evaluator, attribute_accuracy, benchmark_prompts
-
     run = Path(a.run)
-    export(run / "export", run / "weights")
-    ev = Evaluator.from_pretrained(run / "weights" / "shapes-evaluator", device=a.device)
-    prompts = benchmark_prompts(a.n_prompts, seed=30_000)
-    requests = [parse_prompt(p) for p in prompts]
+    probe = _Probe(a, prompt_seed=30_000)
     report: dict[str, Any] = {}
     grids = []
     models = [(kind, run / "weights" / f"shapes-{kind}", True) for kind in ("vp", "flow")]
@@ -371,18 +394,15 @@ def cmd_samples(a: argparse.Namespace) -> None:
     for kind, folder, grid in models:
         if not folder.is_dir():
             continue
-        pipe = Pipeline.from_pretrained(folder, device=a.device)
-        pipe.text_encoder = TextEncoder(a.text_encoder, max_length=T.TEXT_MAX_LENGTH, device=a.device)
+        pipe = probe.pipeline(folder)
         if grid:
             res = pipe([p for p in SAMPLE_PROMPTS for _ in range(6)], seed=0)
             grids.append(_grid(res.images, 12))
         for w in a.guidance:
             for neg in (None, ""):
                 t = time.time()
-                out = pipe(prompts, seed=1, guidance_scale=w, negative_prompt=neg)
-                acc = attribute_accuracy(requests, ev.predict(out.images))
                 key = f"{kind} w={w} neg={'default' if neg is None else 'none'}"
-                report[key] = {k: round(v, 4) for k, v in acc.items() if not k.startswith("n_")}
+                report[key] = probe.accuracy(pipe, seed=1, guidance_scale=w, negative_prompt=neg)
                 log.info("%s (%.1f s): %s", key, time.time() - t, json.dumps(report[key]))
     if grids:
         g = np.concatenate(grids, axis=0)
@@ -410,30 +430,21 @@ def cmd_defaults(a: argparse.Namespace) -> None:
     evaluator, on ``--n-prompts`` prompts drawn apart from the benchmark's, keeping the default
     sampler, steps and negative prompt; writes ``<run>/export/defaults.json``, which ``export``
     writes into the model folders."""
-    from noisewise.pipeline import Pipeline, TextEncoder
-    from noisewise.shapes.captions import parse_prompt
-    from noisewise.shapes.evaluator import Evaluator, attribute_accuracy, benchmark_prompts
-
     t0 = time.time()
     run = Path(a.run)
     flat = run / "export"
     (flat / "defaults.json").unlink(missing_ok=True)  # probe from the shipped defaults, not an earlier choice
-    export(flat, run / "weights")
-    ev = Evaluator.from_pretrained(run / "weights" / "shapes-evaluator", device=a.device)
-    prompts = benchmark_prompts(a.n_prompts, seed=DEFAULTS_PROMPT_SEED)
-    requests = [parse_prompt(p) for p in prompts]
+    prober = _Probe(a, prompt_seed=DEFAULTS_PROMPT_SEED)
     chosen: dict[str, dict[str, Any]] = {}
     probe: dict[str, dict[str, dict[str, float]]] = {}
     for kind in ("vp", "flow"):
         folder = run / "weights" / f"shapes-{kind}"
         if not folder.is_dir():
             continue
-        pipe = Pipeline.from_pretrained(folder, device=a.device)
-        pipe.text_encoder = TextEncoder(a.text_encoder, max_length=T.TEXT_MAX_LENGTH, device=a.device)
+        pipe = prober.pipeline(folder)
         scores: dict[float, dict[str, float]] = {}
         for w in a.guidance:
-            acc = attribute_accuracy(requests, ev.predict(pipe(prompts, seed=a.seed, guidance_scale=w).images))
-            scores[w] = {k: round(v, 4) for k, v in acc.items() if not k.startswith("n_")}
+            scores[w] = prober.accuracy(pipe, seed=a.seed, guidance_scale=w)
             log.info("%s guidance %g: %s", kind, w, json.dumps(scores[w]))
         best = choose_guidance(scores)
         chosen[kind] = {**pipe.defaults, "guidance_scale": best}
