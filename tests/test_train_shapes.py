@@ -102,6 +102,31 @@ def test_evaluator_trains(data):
     assert all(0.0 <= v <= 1.0 for v in acc.values())
 
 
+def test_evaluator_clips_its_gradient_when_asked(data, monkeypatch):
+    """``clip_grad_norm``: every update sees a gradient no longer than it; without it, the raw gradient."""
+    norms: list[float] = []
+    real = T._optimizer
+
+    def recording(params, lr, plan, weight_decay=0.0):
+        opt, sched = real(params, lr, plan, weight_decay)
+
+        def pre_step(optimizer, args, kwargs):
+            grads = [p.grad.norm() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norms.append(float(torch.stack(grads).norm()))
+
+        opt.register_step_pre_hook(pre_step)
+        return opt, sched
+
+    monkeypatch.setattr(T, "_optimizer", recording)
+    small = {"channels": [8, 8, 8], "features": 16}
+    T.train_evaluator(data.images, data.labels, steps=3, batch_size=8, progress=False, config=small)
+    assert len(norms) == 3 and min(norms) > 1e-2
+    norms.clear()
+    T.train_evaluator(data.images, data.labels, steps=3, batch_size=8, progress=False, config=small,
+                      clip_grad_norm=1e-2)
+    assert len(norms) == 3 and max(norms) <= 1e-2 * (1 + 1e-4)
+
+
 def test_lr_plan_shrinks_to_fit_a_time_budget():
     plan = T.Plan(10_000, max_seconds=0.5, measured_at=10)
     import time
@@ -378,7 +403,7 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
         def run(a):
             label = name + (f"-{a.kind}" if name == "unet" else "")
             seen[label] = {k: getattr(a, k) for k in ("arch", "batch_size", "precision", "n", "max_seconds",
-                                                      "no_progress") if hasattr(a, k)}
+                                                      "no_progress", "clip_grad_norm", "lr") if hasattr(a, k)}
         return run
 
     for name in ("data", "vae", "evaluator", "captions", "unet"):
@@ -398,11 +423,13 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
     r = ts.RECIPES["cpu-2h"]
     assert seen["data"]["n"] == r["n"] == 60_000
     assert seen["vae"] == {"arch": "small", "batch_size": 64, "precision": "bf16", "max_seconds": r["vae_seconds"],
-                           "no_progress": False}  # alone: its progress bar stays
+                           "no_progress": False, "lr": 5e-4}  # alone: its progress bar stays
     for kind in ("vp", "flow"):
-        assert seen[f"unet-{kind}"] == {"arch": "small", "batch_size": 128, "precision": "auto",
+        assert seen[f"unet-{kind}"] == {"arch": "small", "batch_size": 64, "precision": "auto", "lr": r["unet_lr"],
                                         "max_seconds": r["unet_seconds"], "no_progress": True}
+    assert r["unet_lr"] == 2e-3
     assert seen["evaluator"]["max_seconds"] == r["evaluator_seconds"]
+    assert seen["evaluator"]["clip_grad_norm"] == r["evaluator_clip_grad_norm"] == 1.0
     # two lanes: the VAE alone, then the evaluator beside the captions, then the two denoisers side by
     # side, each its own process with half the threads and no progress bar (they log to <run>/logs/)
     half = max(1, torch.get_num_threads() // 2)
@@ -413,12 +440,15 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
     assert set(meta["wall_seconds"]) == {"data", "vae", "evaluator", "captions", "unet-vp", "unet-flow", "total"}
     spawned.clear()
     ts.main(["all", "--recipe", "cpu-2h", "--run", str(tmp_path), "--device", "cpu", "--arch", "shipped",
-             "--unet-batch-size", "256", "--n", "1000", "--lanes", "1"])
+             "--unet-batch-size", "256", "--unet-lr", "3e-4", "--n", "1000", "--lanes", "1"])
     assert seen["unet-vp"]["arch"] == seen["vae"]["arch"] == "shipped" and seen["unet-flow"]["batch_size"] == 256
+    assert seen["unet-vp"]["lr"] == seen["unet-flow"]["lr"] == 3e-4
     assert seen["data"]["n"] == 1000 and seen["vae"]["batch_size"] == 64
     assert spawned == []  # one lane: every stage in this process, in turn
     ts.main(["all", "--run", str(tmp_path), "--device", "cpu"])  # the default recipe: the shipped architectures
     assert seen["vae"]["arch"] == "shipped" and seen["vae"]["batch_size"] == 256 and seen["data"]["n"] == 200_000
+    assert seen["evaluator"]["clip_grad_norm"] == 0.0  # as the shipped evaluator was trained
+    assert seen["unet-vp"]["lr"] == seen["unet-flow"]["lr"] == 5e-4 and seen["unet-vp"]["batch_size"] == 512
     assert spawned == []
     with pytest.raises(SystemExit, match="--vae-seconds must be > 0"):
         ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--vae-seconds", "0"])

@@ -131,13 +131,14 @@ def cmd_evaluator(a: argparse.Namespace) -> None:
     model, plan = T.train_evaluator(
         data.images, data.labels, steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds,
         device=a.device, seed=a.seed, checkpoint_path=run / "evaluator.ckpt", resume=a.resume,
-        progress=not a.no_progress, precision=a.precision,
+        progress=not a.no_progress, precision=a.precision, clip_grad_norm=a.clip_grad_norm or None,
     )
     _save_fp16(model.state_dict(), run / "export" / "evaluator.safetensors")
     clean = ShapesData.load(run / "data" / "heldout-clean")
     held = ShapesData.load(run / "data" / "heldout")
     _write_json(run / "export" / "evaluator.json", {
-        "steps": plan.total, "heldout_clean": T.classifier_accuracy(model, clean.images, clean.labels),
+        "steps": plan.total, "clip_grad_norm": a.clip_grad_norm or None,
+        "heldout_clean": T.classifier_accuracy(model, clean.images, clean.labels),
         "heldout_with_defects": T.classifier_accuracy(model, held.images, held.labels), "history": plan.history,
     })
 
@@ -478,16 +479,20 @@ def fit_budgets(budgets: list[float], total: float, elapsed: float, reserve: flo
 
 # ``all``'s recipes: its options' values where the command line gives none. ``cpu-2h`` fits every
 # stage into 2 hours of a 2-core CPU (docs/benchmarks/models_cpu2h.md): the small architectures
-# (1.9-3.3x less compute per sample), batches of 64 / 128 so the samples it can afford buy 4x more
-# updates, the VAE in bf16 autocast (1.6-1.8x faster on a CPU with AVX512-BF16; the UNet is slower in
-# bf16 there), 60,000 images (fewer captions to encode), and two lanes: the evaluator beside the
-# caption encoding, then the two denoisers side by side on one thread each (a step ~0.88 s, against
-# ~0.77 s alone on two threads), so the denoisers get 4,500 s each instead of ~2,150 s in turn.
+# (1.9-3.3x less compute per sample), the VAE in bf16 autocast (1.6-1.8x faster on a CPU with
+# AVX512-BF16; the UNet is slower in bf16 there), 60,000 images (fewer captions to encode), and two
+# lanes: the evaluator beside the caption encoding, then the two denoisers side by side on one thread
+# each, so each gets 4,500 s instead of ~2,150 s in turn. The denoisers' batch of 64 at a peak learning
+# rate of 2e-3 came from 1,500 s A/B runs (session 9): colour / shape 0.89 / 0.83 against 0.64 / 0.55 at
+# the earlier 128 and 5e-4, as good as that setting reached in 4,400 s. The evaluator clips its
+# gradient (run C's loss spiked at its peak learning rate).
 RECIPES: dict[str, dict[str, Any]] = {
     "shipped": {"arch": "shipped", "n": 200_000, "vae_seconds": 1800, "vae_batch_size": 256, "vae_precision": "auto",
-                "evaluator_seconds": 900, "unet_seconds": 2100, "unet_batch_size": 512, "lanes": 1},
+                "evaluator_seconds": 900, "evaluator_clip_grad_norm": 0.0, "unet_seconds": 2100,
+                "unet_batch_size": 512, "unet_lr": 5e-4, "lanes": 1},
     "cpu-2h": {"arch": "small", "n": 60_000, "vae_seconds": 1500, "vae_batch_size": 64, "vae_precision": "bf16",
-               "evaluator_seconds": 800, "unet_seconds": 4500, "unet_batch_size": 128, "lanes": 2},
+               "evaluator_seconds": 800, "evaluator_clip_grad_norm": 1.0, "unet_seconds": 4500,
+               "unet_batch_size": 64, "unet_lr": 2e-3, "lanes": 2},
 }
 
 
@@ -559,9 +564,9 @@ def cmd_all(a: argparse.Namespace) -> None:
     stages: list[tuple[str, dict[str, Any], float | None]] = [  # (stage, its options, training time budget)
         ("data", {}, None),
         ("vae", {**arch, "batch_size": a.vae_batch_size, "precision": a.vae_precision}, a.vae_seconds),
-        ("evaluator", {}, a.evaluator_seconds), ("captions", {}, None),
-        ("unet", {"kind": "vp", **arch, "batch_size": a.unet_batch_size}, a.unet_seconds),
-        ("unet", {"kind": "flow", **arch, "batch_size": a.unet_batch_size}, a.unet_seconds),
+        ("evaluator", {"clip_grad_norm": a.evaluator_clip_grad_norm}, a.evaluator_seconds), ("captions", {}, None),
+        ("unet", {"kind": "vp", **arch, "batch_size": a.unet_batch_size, "lr": a.unet_lr}, a.unet_seconds),
+        ("unet", {"kind": "flow", **arch, "batch_size": a.unet_batch_size, "lr": a.unet_lr}, a.unet_seconds),
     ]
     # with two lanes, stages that do not need each other run side by side, one thread each: the
     # evaluator beside the captions, then the two denoisers (the bf16 VAE trains 2x faster on two
@@ -667,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluator", help="train the attribute classifier")
     common(s, 6_000, 512, 2e-3)
+    s.add_argument("--clip-grad-norm", type=float, default=0.0,
+                   help="clip the gradient's norm to this before each update (0, the default: off, as the "
+                        "shipped evaluator was trained; the cpu-2h recipe uses 1)")
     s.set_defaults(func=cmd_evaluator)
 
     s = sub.add_parser("unet", help="train a denoiser (vp: epsilon, scaled-linear; flow: rectified flow)")
@@ -752,13 +760,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae-batch-size", type=int, default=None)
     s.add_argument("--vae-precision", choices=T.PRECISIONS, default=None)
     s.add_argument("--evaluator-seconds", type=float, default=None)
+    s.add_argument("--evaluator-clip-grad-norm", type=float, default=None, help="0: no clipping")
     s.add_argument("--unet-seconds", type=float, default=None)
     s.add_argument("--unet-batch-size", type=int, default=None)
+    s.add_argument("--unet-lr", type=float, default=None, help="the denoisers' peak learning rate")
     s.add_argument("--lanes", type=int, choices=(1, 2), default=None,
                    help="1: one stage at a time with all the torch threads; 2: the evaluator beside the caption "
                         "encoding, then the two denoisers side by side, each stage its own process with half the "
-                        "threads, logging to <run>/logs/<stage>.log (on a 2-core CPU a denoiser step takes ~0.88 s "
-                        "on one thread beside the other and ~0.77 s alone on two: ~1.8x the steps)")
+                        "threads, logging to <run>/logs/<stage>.log (on a 2-core CPU a batch-128 denoiser step "
+                        "takes ~0.88 s on one thread beside the other and ~0.77 s alone on two: ~1.8x the steps)")
     s.add_argument("--total-seconds", type=float, default=7200,
                    help="wall-time budget for the whole run (default 2 hours): the training stages' budgets "
                         "shrink in proportion when rendering, caption encoding and evaluation leave less "

@@ -593,9 +593,11 @@ def train_evaluator(
     log_every: int = 100,
     stop_at: int | None = None,
     precision: str = "auto",
+    clip_grad_norm: float | None = None,
 ) -> tuple[ShapesClassifier, Plan]:
     """Train the attribute classifier on renders (with a faint extra noise so it reads decoded
-    images as well); returns (model in eval mode, plan)."""
+    images as well); returns (model in eval mode, plan). ``clip_grad_norm``: clip the gradient's
+    norm to this before each update (off by default, as the shipped evaluator was trained)."""
     _check_precision(precision)
     seed_everything(seed)
     dev = torch.device(device)
@@ -619,6 +621,8 @@ def train_evaluator(
         loss = classifier_loss({k: v.float() for k, v in out.items()}, {k: v[idx] for k, v in lab.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         opt.step()
         sched.step()
         return loss

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Attribute accuracy of a training run's denoiser, for short A/B tests of training settings.
+
+Exports ``<run>/export`` to ``<run>/weights`` (as ``train_shapes.py export`` does), generates one image
+per prompt and seed with ``--kind``'s model, and reads them with an evaluator; prints and appends one
+json line to ``--out``. The prompts are ``train_shapes.py defaults``' (seed 40,000), not the
+benchmark's, so a setting chosen on them is not chosen on the benchmark::
+
+    python bench/probe_denoiser.py --run /tmp/ab/r1a --kind vp --evaluator /tmp/cpu2h-c/models/shapes-evaluator
+
+(docs/benchmarks/models_cpu2h.md has the A/B runs it measured.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "train"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a train_shapes.py run folder with export/unet-<kind>.safetensors")
+    p.add_argument("--kind", choices=["vp", "flow"], required=True)
+    p.add_argument("--evaluator", required=True, help="an evaluator folder (e.g. <run>/models/shapes-evaluator)")
+    p.add_argument("--n-prompts", type=int, default=200)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="append the result as a json line here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    import train_shapes as TS
+
+    from noisewise.pipeline import Pipeline, TextEncoder
+    from noisewise.shapes import training as T
+    from noisewise.shapes.captions import parse_prompt
+    from noisewise.shapes.evaluator import Evaluator, attribute_accuracy, benchmark_prompts
+
+    run = Path(a.run)
+    meta = json.loads((run / "export" / f"unet-{a.kind}.json").read_text())
+    TS.export(run / "export", run / "weights")
+    evaluator = Evaluator.from_pretrained(a.evaluator, device="cpu")
+    prompts = benchmark_prompts(a.n_prompts, seed=TS.DEFAULTS_PROMPT_SEED)
+    requests = [parse_prompt(p) for p in prompts]
+    pipe = Pipeline.from_pretrained(run / "weights" / f"shapes-{a.kind}", device="cpu")
+    pipe.text_encoder = TextEncoder(None, max_length=T.TEXT_MAX_LENGTH, device="cpu")
+    t0 = time.time()
+    mean: dict[str, float] = {}
+    for seed in a.seeds:
+        images = pipe(prompts, seed=seed, guidance_scale=a.guidance).images
+        acc = attribute_accuracy(requests, evaluator.predict(images))
+        for k, v in acc.items():
+            if not k.startswith(("n_", "rate_")):
+                mean[k] = mean.get(k, 0.0) + v / len(a.seeds)
+    row = {"run": str(run), "kind": a.kind, "steps": meta["steps"], "batch_size": meta["batch_size"],
+           "lr": meta["lr"], "guidance": a.guidance, "seeds": a.seeds, "n_prompts": a.n_prompts,
+           "evaluator": a.evaluator, **{k: round(v, 3) for k, v in mean.items()},
+           "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(row))
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
