@@ -452,6 +452,13 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
     assert spawned == []
     with pytest.raises(SystemExit, match="--vae-seconds must be > 0"):
         ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--vae-seconds", "0"])
+    with pytest.raises(SystemExit, match="--unet-lr must be > 0"):
+        ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--unet-lr", "0"])
+    with pytest.raises(SystemExit, match="--evaluator-clip-grad-norm must be >= 0"):
+        ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--evaluator-clip-grad-norm", "-1"])
+    monkeypatch.undo()  # the real evaluator stage: it refuses before loading anything
+    with pytest.raises(SystemExit, match="--clip-grad-norm must be >= 0"):
+        ts.main(["evaluator", "--run", str(tmp_path), "--device", "cpu", "--clip-grad-norm", "-1"])
 
 
 def test_lanes_run_stage_processes_side_by_side_and_a_failure_stops_the_rest(tmp_path):

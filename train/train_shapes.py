@@ -126,6 +126,8 @@ def cmd_vae(a: argparse.Namespace) -> None:
 def cmd_evaluator(a: argparse.Namespace) -> None:
     from noisewise.shapes.world import labels  # noqa: F401  (documentation: label layout)
 
+    if a.clip_grad_norm < 0:
+        raise SystemExit(f"--clip-grad-norm must be >= 0 (0: no clipping), got {a.clip_grad_norm:g}")
     run = Path(a.run)
     data = _data(a)
     model, plan = T.train_evaluator(
@@ -560,6 +562,11 @@ def cmd_all(a: argparse.Namespace) -> None:
     for name, budget in (("vae", a.vae_seconds), ("evaluator", a.evaluator_seconds), ("unet", a.unet_seconds)):
         if budget <= 0:
             raise SystemExit(f"--{name}-seconds must be > 0, got {budget:g}")
+    if a.unet_lr <= 0:
+        raise SystemExit(f"--unet-lr must be > 0, got {a.unet_lr:g}")
+    if a.evaluator_clip_grad_norm < 0:
+        raise SystemExit(f"--evaluator-clip-grad-norm must be >= 0 (0: no clipping), "
+                         f"got {a.evaluator_clip_grad_norm:g}")
     arch = {"arch": a.arch}
     stages: list[tuple[str, dict[str, Any], float | None]] = [  # (stage, its options, training time budget)
         ("data", {}, None),
