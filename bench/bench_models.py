@@ -107,7 +107,8 @@ def main() -> None:
             imgs = generate(pipe, prompts, seeds, a.batch, negative_prompt=neg)
             secs = time.time() - t
             n = len(prompts) * seeds
-            acc = attribute_accuracy(reqs_for(seeds), ev.predict(imgs))
+            seed_reqs = reqs_for(seeds)
+            acc = attribute_accuracy(seed_reqs, ev.predict(imgs))
             acc["fd"] = frechet_distance(ev.features(imgs), f_ref[0][: n] if seeds == a.seeds else f_sub(seeds))
             acc["images"] = n
             acc["seconds"] = secs
@@ -116,7 +117,7 @@ def main() -> None:
                             "negative_prompt": d["negative_prompt"] if neg is None else ""}
             print(key, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in acc.items()}), flush=True)
             if ev2 is not None:
-                results[key]["second_evaluator"] = attribute_accuracy(reqs_for(seeds), ev2.predict(imgs))
+                results[key]["second_evaluator"] = attribute_accuracy(seed_reqs, ev2.predict(imgs))
                 print(f"{key}, second evaluator", json.dumps({k: round(v, 4) for k, v in
                                                               results[key]["second_evaluator"].items()}), flush=True)
             if neg is None:

@@ -40,24 +40,18 @@ def main(argv: list[str] | None = None) -> None:
 
     import train_shapes as TS
 
-    from noisewise.pipeline import Pipeline, TextEncoder
-    from noisewise.shapes import training as T
-    from noisewise.shapes.captions import parse_prompt
-    from noisewise.shapes.evaluator import Evaluator, attribute_accuracy, benchmark_prompts
+    from noisewise.shapes.evaluator import attribute_accuracy
 
     run = Path(a.run)
     meta = json.loads((run / "export" / f"unet-{a.kind}.json").read_text())
-    TS.export(run / "export", run / "weights")
-    evaluator = Evaluator.from_pretrained(a.evaluator, device="cpu")
-    prompts = benchmark_prompts(a.n_prompts, seed=TS.DEFAULTS_PROMPT_SEED)
-    requests = [parse_prompt(p) for p in prompts]
-    pipe = Pipeline.from_pretrained(run / "weights" / f"shapes-{a.kind}", device="cpu")
-    pipe.text_encoder = TextEncoder(None, max_length=T.TEXT_MAX_LENGTH, device="cpu")
+    probe = TS._Probe(argparse.Namespace(run=a.run, device="cpu", n_prompts=a.n_prompts, text_encoder=None),
+                      prompt_seed=TS.DEFAULTS_PROMPT_SEED, evaluator=a.evaluator)
+    pipe = probe.pipeline(run / "weights" / f"shapes-{a.kind}")
     t0 = time.time()
     mean: dict[str, float] = {}
     for seed in a.seeds:
-        images = pipe(prompts, seed=seed, guidance_scale=a.guidance).images
-        acc = attribute_accuracy(requests, evaluator.predict(images))
+        images = pipe(probe.prompts, seed=seed, guidance_scale=a.guidance).images
+        acc = attribute_accuracy(probe.requests, probe.evaluator.predict(images))
         for k, v in acc.items():
             if not k.startswith(("n_", "rate_")):
                 mean[k] = mean.get(k, 0.0) + v / len(a.seeds)

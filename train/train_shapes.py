@@ -128,18 +128,19 @@ def cmd_evaluator(a: argparse.Namespace) -> None:
 
     if a.clip_grad_norm < 0:
         raise SystemExit(f"--clip-grad-norm must be >= 0 (0: no clipping), got {a.clip_grad_norm:g}")
+    clip = a.clip_grad_norm or None
     run = Path(a.run)
     data = _data(a)
     model, plan = T.train_evaluator(
         data.images, data.labels, steps=a.steps, batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds,
         device=a.device, seed=a.seed, checkpoint_path=run / "evaluator.ckpt", resume=a.resume,
-        progress=not a.no_progress, precision=a.precision, clip_grad_norm=a.clip_grad_norm or None,
+        progress=not a.no_progress, precision=a.precision, clip_grad_norm=clip,
     )
     _save_fp16(model.state_dict(), run / "export" / "evaluator.safetensors")
     clean = ShapesData.load(run / "data" / "heldout-clean")
     held = ShapesData.load(run / "data" / "heldout")
     _write_json(run / "export" / "evaluator.json", {
-        "steps": plan.total, "clip_grad_norm": a.clip_grad_norm or None,
+        "steps": plan.total, "clip_grad_norm": clip,
         "heldout_clean": T.classifier_accuracy(model, clean.images, clean.labels),
         "heldout_with_defects": T.classifier_accuracy(model, held.images, held.labels), "history": plan.history,
     })
@@ -355,17 +356,18 @@ def _grid(images: np.ndarray, cols: int) -> np.ndarray:
 
 
 class _Probe:
-    """What ``samples`` and ``defaults`` measure with: the run exported to ``<run>/weights``, its own
-    evaluator, ``--n-prompts`` benchmark-style prompts of ``prompt_seed``, pipelines on ``--text-encoder``."""
+    """What ``samples``, ``defaults`` and ``bench/probe_denoiser.py`` measure with: the run exported to
+    ``<run>/weights``, its own evaluator (or ``evaluator``, a folder), ``--n-prompts`` benchmark-style
+    prompts of ``prompt_seed``, pipelines on ``--text-encoder``."""
 
-    def __init__(self, a: argparse.Namespace, prompt_seed: int) -> None:
+    def __init__(self, a: argparse.Namespace, prompt_seed: int, evaluator: str | Path | None = None) -> None:
         from noisewise.shapes.captions import parse_prompt
         from noisewise.shapes.evaluator import Evaluator, benchmark_prompts
 
         self.a = a
         run = Path(a.run)
         export(run / "export", run / "weights")
-        self.evaluator = Evaluator.from_pretrained(run / "weights" / "shapes-evaluator", device=a.device)
+        self.evaluator = Evaluator.from_pretrained(evaluator or run / "weights" / "shapes-evaluator", device=a.device)
         self.prompts = benchmark_prompts(a.n_prompts, seed=prompt_seed)
         self.requests = [parse_prompt(p) for p in self.prompts]
 
