@@ -59,7 +59,7 @@ def generate(pipe: Pipeline, prompts: list[str], seeds: int, batch: int, **kw) -
     return imgs.reshape(seeds, len(prompts), *imgs.shape[1:]).transpose(1, 0, 2, 3, 4).reshape(-1, *imgs.shape[1:])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["shapes-vp", "shapes-flow"])
     ap.add_argument("--prompts", type=int, default=200)
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--second-evaluator", default=None,
                     help="also read the same images with this evaluator folder (e.g. a training run's own); "
                          "its accuracies go under 'second_evaluator' in models.json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def main() -> None:
                 grid = pipe([p for p in GRID_PROMPTS for _ in range(8)], seed=0).images
                 save_grid(grid, 8, out / f"samples-{Path(name).name}.png")
     meta = {
-        "command": "python " + " ".join(sys.argv),
+        "command": "python bench/bench_models.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.machine()}, {a.device}, torch {torch.__version__}",
         "evaluator": a.evaluator or "shipped", "second_evaluator": a.second_evaluator,
         "prompts": a.prompts, "seeds": a.seeds, "results": results,

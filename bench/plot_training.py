@@ -50,7 +50,8 @@ def _resume_step(data: dict, title: str) -> int:
     return h[-1]["step"]
 
 
-CPU2H_RUNS = {"recipe_cpu_2h": "cpu-2h, two lanes (session 8)",
+CPU2H_RUNS = {"run_d_session10": "cpu-2h, batch 64 at 2e-3 (run D, session 10)",
+              "recipe_cpu_2h": "cpu-2h, batch 128 at 5e-4, two lanes (run C, session 8)",
               "second_attempt_one_stage_at_a_time": "cpu-2h, one stage at a time (session 7)"}
 
 
@@ -58,7 +59,7 @@ def cpu2h() -> None:
     """Loss against training seconds, per stage, for the 2-hour CPU runs: the same budget, the steps
     each arrangement fits in it."""
     data = json.loads((DOCS / "models_cpu2h.json").read_text())
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for ax, key in zip(axes, ["vae", "evaluator", "unet-vp", "unet-flow"]):
         for run, label in CPU2H_RUNS.items():
             if run not in data or key not in data[run]:
@@ -69,7 +70,7 @@ def cpu2h() -> None:
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("training seconds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5, loc="upper right")
     axes[0].set_ylabel("training loss (mean of 100 steps)")
     fig.tight_layout()
     fig.savefig(DOCS / "models_cpu2h_training.png", dpi=110)

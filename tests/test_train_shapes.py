@@ -379,6 +379,25 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     index = json.loads((tmp_path / "again" / "shapes-flow" / "model_index.json").read_text())
     assert index["_noisewise"]["defaults"]["guidance_scale"] == best
 
+    # bench/probe_denoiser.py reads the same run as the defaults probe did: at the same prompts, seed and
+    # guidance it must find the same accuracies, and it appends the run's training settings
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_denoiser", SHIPPED.parents[2] / "bench" / "probe_denoiser.py")
+    pd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pd)
+    rows = tmp_path / "probe.jsonl"
+    for _ in range(2):
+        pd.main(["--run", run, "--kind", "flow", "--evaluator", str(tmp_path / "models" / "shapes-evaluator"),
+                 "--n-prompts", "4", "--seeds", "1", "--guidance", "6", "--out", str(rows)])
+    got = [json.loads(line) for line in rows.read_text().splitlines()]
+    same = [json.dumps({**g, "seconds": 0}, sort_keys=True) for g in got]  # (a NaN is never == itself)
+    assert len(got) == 2 and got[0]["seconds"] >= 0 and same[0] == same[1]  # deterministic
+    assert (got[0]["kind"], got[0]["steps"], got[0]["batch_size"], got[0]["seeds"]) == ("flow", 2, 4, [1])
+    for k in ("background", "shape", "color", "size", "position", "defect_rate"):
+        want = probe[6.0][k]
+        assert got[0][k] == pytest.approx(want, abs=6e-4) or (want != want and got[0][k] != got[0][k]), k
+
 
 def test_choose_guidance_takes_the_best_mean_accuracy_and_the_lowest_scale_among_equals():
     ts = _train_script()
