@@ -40,8 +40,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import train_shapes as TS
 
-    from noisewise.shapes.evaluator import attribute_accuracy
-
     run = Path(a.run)
     meta = json.loads((run / "export" / f"unet-{a.kind}.json").read_text())
     probe = TS._Probe(argparse.Namespace(run=a.run, device="cpu", n_prompts=a.n_prompts, text_encoder=None),
@@ -50,9 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     mean: dict[str, float] = {}
     for seed in a.seeds:
-        images = pipe(probe.prompts, seed=seed, guidance_scale=a.guidance).images
-        acc = attribute_accuracy(probe.requests, probe.evaluator.predict(images))
-        for k, v in acc.items():
+        for k, v in probe.raw_accuracy(pipe, seed=seed, guidance_scale=a.guidance).items():
             if not k.startswith(("n_", "rate_")):
                 mean[k] = mean.get(k, 0.0) + v / len(a.seeds)
     row = {"run": str(run), "kind": a.kind, "steps": meta["steps"], "batch_size": meta["batch_size"],

@@ -378,12 +378,15 @@ class _Probe:
         pipe.text_encoder = TextEncoder(self.a.text_encoder, max_length=T.TEXT_MAX_LENGTH, device=self.a.device)
         return pipe
 
-    def accuracy(self, pipe: Any, **kw: Any) -> dict[str, float]:
-        """The evaluator's accuracies (rounded; no counts) on ``pipe(prompts, **kw)``."""
+    def raw_accuracy(self, pipe: Any, **kw: Any) -> dict[str, float]:
+        """The evaluator's accuracies and counts on ``pipe(prompts, **kw)``, unrounded."""
         from noisewise.shapes.evaluator import attribute_accuracy
 
-        acc = attribute_accuracy(self.requests, self.evaluator.predict(pipe(self.prompts, **kw).images))
-        return {k: round(v, 4) for k, v in acc.items() if not k.startswith("n_")}
+        return attribute_accuracy(self.requests, self.evaluator.predict(pipe(self.prompts, **kw).images))
+
+    def accuracy(self, pipe: Any, **kw: Any) -> dict[str, float]:
+        """The evaluator's accuracies (rounded; no counts) on ``pipe(prompts, **kw)``."""
+        return {k: round(v, 4) for k, v in self.raw_accuracy(pipe, **kw).items() if not k.startswith("n_")}
 
 
 def cmd_samples(a: argparse.Namespace) -> None:
