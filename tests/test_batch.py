@@ -159,3 +159,18 @@ def test_compose_field_and_default(tmp_path):
     p.write_text(json.dumps({"prompt": prompt, "compose": "region"}) + "\n")
     with pytest.raises(ValueError, match=r"compose.jsonl:1: compose must be one of off, and, regions"):
         jobs.read_items(p)
+
+
+def test_negative_scale_field(tmp_path):
+    from noisewise.pipeline import Pipeline
+
+    p = tmp_path / "neg.jsonl"
+    p.write_text(json.dumps({"prompt": "a red circle", "steps": 2, "seed": 3, "negative_scale": 0.5, "id": "n"}) + "\n")
+    out = tmp_path / "out"
+    assert jobs.run_batch(jobs.read_items(p), out, progress=False).done == 1
+    rec = json.loads((out / "n.json").read_text())
+    direct = Pipeline.from_pretrained("shapes-vp")("a red circle", steps=2, seed=3, negative_scale=0.5)
+    assert np.array_equal(_images(out, rec)[0], direct.images[0]) and rec["metadata"][0]["negative_scale"] == 0.5
+    p.write_text(json.dumps({"prompt": "a red circle", "negative_scale": -2}) + "\n")
+    with pytest.raises(ValueError, match=r"neg.jsonl:1: negative_scale must be a finite number >= 0"):
+        jobs.read_items(p)

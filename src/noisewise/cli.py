@@ -168,7 +168,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     try:
         res = pipe(
-            a.prompt, negative_prompt=a.negative_prompt, num_images=a.num_images, seed=a.seed,
+            a.prompt, negative_prompt=a.negative_prompt, negative_scale=a.negative_scale, num_images=a.num_images,
+            seed=a.seed,
             sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale, callback=on_step, preset=a.preset,
             **({"image": image, "strength": a.strength} if image is not None else {}),
             **({"spacing": a.spacing} if a.spacing is not None else {}),
@@ -221,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None,
                    help='what to steer away from (default: the model\'s: "blurry, watermark" for the shipped '
                         'shapes models, none for other checkpoints; "" for none)')
+    g.add_argument("--negative-scale", type=_float_range(0.0, 50.0, "--negative-scale"), default=None,
+                   help="the negative prompt's own weight s: D(u) + w (D(c) - D(u)) - s (D(neg) - D(u)), one more "
+                        "network row per image (default: the model's; for a model without one the negative prompt "
+                        "replaces the unconditional branch, which is s = guidance scale - 1)")
     g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
     g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
     g.add_argument("--steps", type=_int_range(1, 1000, "--steps"), default=None, help="default: the model's (10)")

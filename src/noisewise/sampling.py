@@ -119,6 +119,7 @@ def sample(
     cond: Any = None,
     uncond: Any = None,
     negative: Any = None,
+    negative_scale: float | None = None,
     guidance_scale: float | Tensor | None = None,
     guidance: Any = None,
     composition: Any = None,
@@ -159,6 +160,9 @@ def sample(
             the network is called as ``model(x, model_time, cond)`` with both branches concatenated
             (or ``denoiser(x, level, cond) -> x0``). See ``docs/guidance.md``.
         negative: a negative conditioning that replaces ``uncond`` (None or empty: ``uncond``).
+        negative_scale: ``s``: the negative gets its own weight instead of replacing ``uncond``:
+            ``D(u) + w (D(c) - D(u)) - s (D(n) - D(u))``, one more row per sample (replacing is
+            ``s = w - 1``); needs ``uncond`` and ``negative``. Not with CFG++ or autoguidance.
         guidance_scale: ``w``, a number or one per sample (default 1: the conditional model, no
             unconditional rows).
         guidance: guidance options: a name, an option (``nw.APG()``), a dict or a list of them;
@@ -252,15 +256,21 @@ def sample(
         if guidance is not None:
             raise ValueError("composition= combines plain CFG terms; it cannot be used with guidance= options")
         from .guidance.compose import ComposedDenoiser
+        from .guidance.guided import _is_empty, check_negative_scale
 
+        separate = bool(check_negative_scale(negative_scale)) and negative is not None and not _is_empty(negative)
+        if separate and uncond is None:
+            raise ValueError("negative_scale= weighs the negative conditioning against the unconditional one: "
+                             "pass uncond= too (e.g. the empty prompt's embedding)")
         denoiser = ComposedDenoiser(
-            denoiser, cond=cond, guide=negative if negative is not None else uncond,
+            denoiser, cond=cond, guide=uncond if separate or negative is None else negative,
             guidance_scale=1.0 if guidance_scale is None else guidance_scale, composition=composition,
-            max_batch=max_batch, batch=noise.shape[0],
+            max_batch=max_batch, batch=noise.shape[0], negative=negative if separate else None,
+            negative_scale=negative_scale,
         )
     elif any(v is not None for v in (cond, uncond, negative, guidance_scale, guidance)):
         denoiser = GuidedDenoiser(
-            denoiser, cond=cond, uncond=uncond, negative=negative,
+            denoiser, cond=cond, uncond=uncond, negative=negative, negative_scale=negative_scale,
             guidance_scale=1.0 if guidance_scale is None else guidance_scale, guidance=guidance,
             max_batch=max_batch, batch=noise.shape[0],
         )

@@ -33,10 +33,12 @@ from .guided import (
     _cat,
     _check_cond,
     _ChunkedForward,
+    _is_empty,
     _leaves,
     _map,
     _same_layout,
     _take,
+    check_negative_scale,
     check_scale,
     conditional_denoiser,
 )
@@ -105,6 +107,9 @@ class ComposedDenoiser(_ChunkedForward):
             full-prompt rows of those samples).
         composition: the component rows (:class:`Composition`); ``None`` or empty = plain CFG.
         max_batch: most rows per network call (None: all rows of a step in one call).
+        negative / negative_scale: a negative conditioning with its own weight ``s``: the sum gets
+            ``- s (D(n) - D(guide))`` (one more row per sample; ``guide`` is then the unconditional
+            conditioning). None or 0: no such term.
 
     Counts like :class:`~noisewise.guidance.GuidedDenoiser`: ``nfe`` (branches per step, the
     largest number any sample uses, summed over steps), ``calls`` (forward passes) and ``rows``.
@@ -120,6 +125,8 @@ class ComposedDenoiser(_ChunkedForward):
         composition: Composition | None = None,
         max_batch: int | None = None,
         batch: int | None = None,
+        negative: Any = None,
+        negative_scale: float | None = None,
     ) -> None:
         self.model_denoiser = denoise if isinstance(denoise, ModelDenoiser) else None
         self.denoise: CondDenoise = conditional_denoiser(denoise) if isinstance(denoise, ModelDenoiser) else denoise
@@ -132,6 +139,11 @@ class ComposedDenoiser(_ChunkedForward):
         self.cond = _check_cond(cond, "cond", batch)
         self.guide = _check_cond(guide, "guide", batch)
         _same_layout(self.cond, self.guide, "cond", "guide")
+        self.negative_scale = check_negative_scale(negative_scale)
+        self.neg = None  # a separately weighted negative: - s (D(n) - D(u)), one more row per sample
+        if self.negative_scale and negative is not None and not _is_empty(negative):
+            self.neg = _check_cond(negative, "negative", batch)
+            _same_layout(self.cond, self.neg, "cond", "negative")
         self.scale = check_scale(guidance_scale, batch)
         comp = composition if composition is not None and len(composition) else None
         if comp is not None:
@@ -165,7 +177,7 @@ class ComposedDenoiser(_ChunkedForward):
             full = torch.ones_like(full)
         self._full_idx = None if bool(full.all()) else full.nonzero().reshape(-1)
         counts = torch.bincount(self.owner, minlength=batch) if self.owner.numel() else torch.zeros(batch)
-        self.branches = int((1 + full.long() + counts.long()).max())
+        self.branches = int((1 + full.long() + counts.long()).max()) + (self.neg is not None)
         self._set_max_batch(max_batch)
         self.nfe = self.calls = self.rows = 0
         self._dev: dict[tuple[torch.device, torch.dtype], tuple[Any, ...]] = {}
@@ -209,6 +221,9 @@ class ComposedDenoiser(_ChunkedForward):
             raise ValueError(f"this ComposedDenoiser was built for {self.batch} samples, got a batch of {B}")
         fi, w, owner, wc = self._on(x)
         xs, conds = [x], [self.guide]
+        if self.neg is not None:
+            xs.append(x)
+            conds.append(self.neg)
         xf = x if fi is None else x.index_select(0, fi)
         nf = xf.shape[0]
         if nf:
@@ -223,6 +238,9 @@ class ComposedDenoiser(_ChunkedForward):
         self.nfe += self.branches
         u = out[:B]
         g = u.clone()
+        if self.neg is not None:
+            g = g - self.negative_scale * (out[B : 2 * B] - u)
+            out = torch.cat([u, out[2 * B :]])  # the rows below as without a negative
         if nf:
             df = w * (out[B : B + nf] - (u if fi is None else u.index_select(0, fi)))
             g = g + df if fi is None else g.index_add(0, fi, df)

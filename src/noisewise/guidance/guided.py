@@ -13,7 +13,8 @@ so every sampler works with every guidance option. Per evaluation:
    rescaled, converted back to x0 and thresholded.
 
 It also counts what it spent: ``nfe`` (network evaluations, each branch counted once per step: a
-guided step costs 2), ``calls`` (forward passes actually made) and ``rows`` (batch rows sent).
+guided step costs 2, 3 with a separately weighted negative), ``calls`` (forward passes actually made)
+and ``rows`` (batch rows sent).
 One instance serves one sampling run (APG's momentum lives in it); :meth:`bind` starts a new run.
 """
 
@@ -248,6 +249,11 @@ class GuidedDenoiser(_ChunkedForward):
         uncond: the unconditional conditioning (same layout as ``cond``).
         negative: a negative conditioning; it replaces ``uncond`` as the guiding branch. ``None`` or an
             empty tensor falls back to ``uncond``.
+        negative_scale: ``s``: give the negative conditioning its own weight instead of letting it
+            replace ``uncond``: ``D(u) + w (D(c) - D(u)) - s (D(n) - D(u))`` (one more row per sample;
+            the guidance method combines ``c`` and ``u``, the negative term is added before
+            rescaling). Replacing ``uncond`` is the special case ``s = w - 1``. Needs ``uncond`` and
+            ``negative``; None: ``negative`` replaces ``uncond``.
         guidance_scale: ``w`` (a number or one value per sample; 1 = no guidance, no extra rows).
             For CFG++ it is the paper's ``lambda``.
         guidance: the options (see :func:`~noisewise.guidance.parse_guidance`).
@@ -262,6 +268,7 @@ class GuidedDenoiser(_ChunkedForward):
         cond: Any,
         uncond: Any = None,
         negative: Any = None,
+        negative_scale: float | None = None,
         guidance_scale: Any = 1.0,
         guidance: Any = None,
         max_batch: int | None = None,
@@ -289,6 +296,21 @@ class GuidedDenoiser(_ChunkedForward):
             raise TypeError(f"negative must be a tensor like cond (or None), got {type(negative).__name__}")
         if _is_empty(negative):
             negative = None
+        self.negative_scale = check_negative_scale(negative_scale)
+        self.neg_cond = None
+        if self.negative_scale == 0.0:
+            negative = None  # a zero negative term: plain CFG against uncond, no extra rows
+        if self.negative_scale and negative is not None:
+            if uncond is None:
+                raise ValueError("negative_scale= weighs the negative conditioning against the unconditional one: "
+                                 "pass uncond= too (e.g. the empty prompt's embedding)")
+            if isinstance(self.combiner, CFGPlusPlus) or self.auto is not None:
+                raise ValueError(f"negative_scale= adds a plain negative term and cannot be used with "
+                                 f"{'autoguidance' if self.auto is not None else 'CFG++'}: leave it out (the "
+                                 "negative prompt then replaces the unconditional branch)")
+            self.neg_cond = _check_cond(negative, "negative", batch)
+            _same_layout(self.cond, self.neg_cond, "cond", "negative")
+            negative = None  # uncond stays the guiding branch; the negative gets its own rows
         guide_cond = negative if negative is not None else uncond
         self.guide_cond = None
         if guide_cond is not None:
@@ -309,6 +331,8 @@ class GuidedDenoiser(_ChunkedForward):
             needs = torch.ones(batch, dtype=torch.bool)  # no lambda reduces CFG++ to the conditional model
         else:
             needs = self.scale != 1.0
+        if self.neg_cond is not None:
+            needs = torch.ones(batch, dtype=torch.bool)  # every sample gets its negative term
         if bool(needs.any()) and self.guide_cond is None and self.auto is None:
             raise ValueError(
                 f"guidance_scale={self._scale_repr()} needs a guiding branch: pass uncond= (the unconditional "
@@ -414,20 +438,25 @@ class GuidedDenoiser(_ChunkedForward):
             return self._finish(out)
         guided = self.guided_here(level)
         idx = self._index_on(x.device) if guided else None
-        self.nfe += 2 if guided else 1
+        neg = guided and self.neg_cond is not None
+        self.nfe += (3 if neg else 2) if guided else 1
         if not guided:
             return self._finish(self._forward(self.denoise, x, level, self.cond))
         xg = x if idx is None else x.index_select(0, idx)
+        n = None
         if self.guide is not None:  # autoguidance: a second network
             c = self._forward(self.denoise, x, level, self.cond)
             u = self._forward(self.guide, xg, level, _take(self.cond, idx))
-        else:  # both branches in one batched call
-            rows = torch.cat([x, xg], dim=0)
-            conds = _cat([self.cond, _take(self.guide_cond, idx)])
+        else:  # all branches in one batched call
+            rows = torch.cat([x, xg, xg] if neg else [x, xg], dim=0)
+            conds = _cat([self.cond, _take(self.guide_cond, idx)] + ([self.neg_cond] if neg else []))
             out = self._forward(self.denoise, rows, level, conds)
-            c, u = out[:B], out[B:]
+            k = xg.shape[0]
+            c, u = out[:B], out[B : B + k]
+            if neg:
+                n = out[B + k :]
         cg = c if idx is None else c.index_select(0, idx)
-        g = self.combine(cg, u, xg, level, self._guided_scale)
+        g = self.combine(cg, u, xg, level, self._guided_scale, negative=n)
         out = g if idx is None else c.index_copy(0, idx, g)
         return self._finish(out)
 
@@ -442,9 +471,11 @@ class GuidedDenoiser(_ChunkedForward):
             x0 = dynamic_threshold(x0, self.threshold.percentile, self.threshold.max_value)
         return x0
 
-    def combine(self, c: Tensor, u: Tensor, x: Tensor, level: Level, scale: Tensor) -> Tensor:
+    def combine(self, c: Tensor, u: Tensor, x: Tensor, level: Level, scale: Tensor,
+                negative: Tensor | None = None) -> Tensor:
         """Guided data prediction from the conditional and guiding data predictions ``c`` and ``u``
-        (at state ``x``, with per-sample ``scale``), then rescaled."""
+        (at state ``x``, with per-sample ``scale``), less ``negative_scale * (negative - u)`` when
+        the negative prediction is given, then rescaled."""
         comb = self.combiner
         if isinstance(comb, CFGPlusPlus):
             _, h = self.step_of(level)
@@ -466,11 +497,23 @@ class GuidedDenoiser(_ChunkedForward):
             else:  # pragma: no cover - parse_guidance admits only the combiners above
                 raise AssertionError(comb)
             g = from_space(gs, x, level, space)
+        if negative is not None and self.negative_scale:  # weights summing to zero: the same in every space
+            g = g - self.negative_scale * (negative - u)
         if self.rescale is not None and self.rescale.phi > 0:
             space = _usable(self.rescale.space, level)
             gs = rescale(to_space(g, x, level, space), to_space(c, x, level, space), self.rescale.phi)
             g = from_space(gs, x, level, space)
         return g
+
+
+def check_negative_scale(s: Any) -> float | None:
+    """``negative_scale`` checked: None, or a finite number >= 0."""
+    if s is None:
+        return None
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+        raise ValueError(f"negative_scale must be a finite number >= 0 (or None: the negative prompt replaces the "
+                         f"unconditional branch), got {s!r}")
+    return float(s)
 
 
 def describe(options: Sequence[GuidanceOption]) -> str:

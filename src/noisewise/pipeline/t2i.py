@@ -272,6 +272,7 @@ class Pipeline:
         prompt: str | Sequence[str],
         *,
         negative_prompt: str | None = None,
+        negative_scale: float | None = None,
         num_images: int = 1,
         seed: int = 0,
         sampler: str | None = None,
@@ -296,6 +297,10 @@ class Pipeline:
             prompt: a prompt, or one prompt per image (then ``num_images`` is ignored).
             negative_prompt: replaces the unconditional branch of classifier-free guidance;
                 default: the model's (``"blurry, watermark"`` for the shapes models); ``""`` for plain CFG.
+            negative_scale: give the negative prompt its own weight ``s`` instead of letting it replace
+                the unconditional branch: ``D(u) + w (D(c) - D(u)) - s (D(neg) - D(u))``, one more
+                network row per image (replacing it is ``s = w - 1``). Default: the model's, else
+                None (replace).
             sampler / steps / guidance_scale: default to the model's recommendation.
             model: a stand-in for the network called as ``model(x, model_time, cond)`` instead of
                 :meth:`model_fn` (e.g. a :class:`noisewise.serving.ForwardBatcher` over it).
@@ -348,6 +353,12 @@ class Pipeline:
         if not (0.0 <= w <= MAX_GUIDANCE) or w != w:
             raise ValueError(f"guidance_scale must be from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
         neg = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
+        from ..guidance.guided import _map, check_negative_scale
+
+        neg_scale = check_negative_scale(negative_scale if negative_scale is not None
+                                         else self.defaults.get("negative_scale"))
+        if not neg.strip():
+            neg_scale = None  # no negative prompt: nothing to weigh
         for p in dict.fromkeys(prompts):
             if not p.strip():
                 logger.warning("empty prompt: sampling unconditionally (only the negative prompt steers)")
@@ -379,7 +390,14 @@ class Pipeline:
         cond = self.encode_prompt(composed.prompts)
         if phrase != "off":
             cond = _phrase_states(self, composed.prompts, cond, phrase)
-        uncond = self.encode_prompt([neg] * len(prompts))
+        guide_kw: dict[str, Any] = {}
+        if neg_scale is None:
+            uncond = self.encode_prompt([neg] * len(prompts))
+        else:  # the empty prompt guides; the negative prompt gets its own rows and weight
+            both = self.encode_prompt(["", neg])
+            uncond = _map(lambda t: t[:1].expand(len(prompts), *t.shape[1:]), both)
+            guide_kw = {"negative": _map(lambda t: t[1:].expand(len(prompts), *t.shape[1:]), both),
+                        "negative_scale": neg_scale}
         scale: Any = w
         if composed.composition is not None:
             sampler_options = {**sampler_options, "composition": composed.composition}
@@ -394,13 +412,14 @@ class Pipeline:
             s = check_strength(DEFAULT_STRENGTH if strength is None else strength)
             sampler_options = {**sampler_options, "init": encode_images(self, image, len(prompts)), "strength": s}
         latents, nfe = self._sample(noise, cond, uncond, scale, sampler, steps, callback, model=model,
-                                        **sampler_options)
+                                    **sampler_options, **guide_kw)
         images = self.decode(latents)
         from .. import __version__
 
         meta = [
             {
-                "prompt": p, "negative_prompt": neg, "model": self.name, "sampler": sampler, "steps": steps,
+                "prompt": p, "negative_prompt": neg, **({"negative_scale": neg_scale} if neg_scale is not None else {}),
+                "model": self.name, "sampler": sampler, "steps": steps,
                 "guidance_scale": w, "seed": s, "sampler_options": {k: v for k, v in sampler_options.items()
                                                                       if isinstance(v, (int, float, str, bool))},
                 "size": [int(images.shape[1]), int(images.shape[2])], "noisewise": __version__,

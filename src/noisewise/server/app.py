@@ -48,6 +48,11 @@ class GenerateRequest(BaseModel):
     prompt: str = Field("", max_length=2000, description="what to draw (\"\" = unconditional)")
     negative_prompt: str | None = Field(None, max_length=2000,
                                         description="what to steer away from; null = the model's default")
+    negative_scale: float | None = Field(
+        None, ge=0.0, le=50.0, description="the negative prompt's own weight s: D(u) + w (D(c) - D(u)) - s (D(neg) - "
+                                           "D(u)), one more network row per image; null = the model's default (for "
+                                           "a model without one, the negative prompt replaces the unconditional "
+                                           "branch, which is s = guidance_scale - 1)")
     model: str | None = Field(None, pattern=NAME_PATTERN,
                               description="a model name from GET /v1/models (names only, never paths)")
     preset: str | None = Field(None, pattern=NAME_PATTERN, description="a preset from GET /v1/presets")

@@ -82,7 +82,8 @@ def add_cli(sub: Any) -> None:
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("batch", help="generate a JSONL file of prompts into a folder (local or Ray)",
-                       description="Each line: {\"prompt\": ..., optional negative_prompt, model, sampler, steps, "
+                       description="Each line: {\"prompt\": ..., optional negative_prompt, negative_scale, model, "
+                                   "sampler, steps, "
                                    "guidance_scale, compose, seed, num_images, id, image (a PNG/JPEG path relative "
                                    "to the file: image-to-image), strength}. Resumable: finished items are skipped.")
     b.add_argument("prompts", help="JSONL file, one item per line")

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..guidance.guided import check_negative_scale
+
 logger = logging.getLogger(__name__)
 
-ITEM_FIELDS = ("id", "prompt", "negative_prompt", "model", "sampler", "steps", "guidance_scale", "compose", "seed",
-               "num_images", "image", "strength")
+ITEM_FIELDS = ("id", "prompt", "negative_prompt", "negative_scale", "model", "sampler", "steps", "guidance_scale",
+               "compose", "seed", "num_images", "image", "strength")
 COMPOSE_MODES = ("off", "and", "regions")  # as over HTTP (docs/composition.md); None = the model's default
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -75,6 +77,7 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
                 "id": str(raw.get("id", f"{index:06d}")),
                 "prompt": str(raw.get("prompt", "")),
                 "negative_prompt": raw.get("negative_prompt", d.negative_prompt),
+                "negative_scale": raw.get("negative_scale"),
                 "model": raw.get("model", d.model),
                 "sampler": raw.get("sampler", d.sampler),
                 "steps": raw.get("steps", d.steps),
@@ -89,6 +92,10 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
             if item["compose"] is not None and item["compose"] not in COMPOSE_MODES:
                 raise ValueError(f"{path}:{n}: compose must be one of {', '.join(COMPOSE_MODES)} or null (the "
                                  f"model's default), got {item['compose']!r}")
+            try:
+                check_negative_scale(item["negative_scale"])
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
             if item["id"] in seen:
                 raise ValueError(f"{path}:{n}: duplicate id {item['id']!r}")
             seen.add(item["id"])
@@ -165,7 +172,8 @@ class ItemRunner:
         init = item.get("init")
         if init is not None:
             extra.update(image=init.pixels, strength=item["strength"])
-        res = pipe(item["prompt"], negative_prompt=item["negative_prompt"], num_images=item["num_images"],
+        res = pipe(item["prompt"], negative_prompt=item["negative_prompt"], negative_scale=item.get("negative_scale"),
+                   num_images=item["num_images"],
                    seed=item["seed"], sampler=sampler, steps=item["steps"], guidance_scale=item["guidance_scale"],
                    compose=item.get("compose"), **extra)
         meta = [dict(m, id=item["id"]) for m in res.metadata]

@@ -1,0 +1,216 @@
+"""A negative prompt with its own weight (``negative_scale``): ``D(u) + w (D(c) - D(u)) - s (D(n) - D(u))``.
+
+Checked against the exact Gaussian-mixture denoiser (the formula, one batched forward with three
+branches, the NFE count), against the replacing negative (``s = w - 1`` is the same sampler), on the
+composed denoiser, in the pipeline (rows, metadata, reproduction), the CLI and the HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import noisewise as nw
+from noisewise.gmm import GaussianMixture
+from noisewise.guidance import APG, Autoguidance, GuidedDenoiser
+from noisewise.guidance.compose import ComposedDenoiser, Composition
+from noisewise.guidance.exact import class_of
+from tests.test_compose import RowSpy  # the network's rows per call
+
+F64 = torch.float64
+_G = GaussianMixture.default()
+GMM = GaussianMixture(_G.means, _G.stds, _G.weights, torch.arange(8) % 4)  # four classes: four conditions
+SCHED = nw.DiscreteVP(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+LEVEL = nw.Level(alpha=0.8, sigma=0.6, lam=float(np.log(0.8 / 0.6)), model_time=500.0)
+UNCOND = torch.tensor([-1])
+
+
+def post(x: torch.Tensor, cls: torch.Tensor | int) -> torch.Tensor:
+    c = torch.as_tensor(cls).reshape(-1).expand(x.shape[0])
+    return GMM.posterior_mean(x, LEVEL.alpha, LEVEL.sigma, c)
+
+
+class Spy:
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def __call__(self, x: torch.Tensor, level: nw.Level, cls: torch.Tensor) -> torch.Tensor:
+        self.calls.append(cls.reshape(-1).tolist())
+        return GMM.posterior_mean(x, level.alpha, level.sigma, cls)
+
+
+def x_(b: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def test_guided_denoiser_is_the_formula_in_one_forward() -> None:
+    x, cond = x_(4), torch.tensor([0, 1, 2, 3])
+    w = torch.tensor([3.0, 1.0, 0.0, 2.5], dtype=F64)  # w = 1 still gets its negative term
+    spy = Spy()
+    d = GuidedDenoiser(spy, cond=cond, uncond=UNCOND, negative=torch.tensor([1]), negative_scale=1.5,
+                       guidance_scale=w, batch=4)
+    out = d(x, LEVEL)
+    u = post(x, -1)
+    ref = u + w[:, None] * (post(x, cond) - u) - 1.5 * (post(x, 1) - u)
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    assert spy.calls == [[0, 1, 2, 3] + [-1] * 4 + [1] * 4] and d.nfe == 3 and d.calls == 1 and d.rows == 12
+
+
+def test_a_zero_or_absent_negative_scale_is_plain_cfg() -> None:
+    x, cond, neg = x_(3), torch.tensor([0, 2, 3]), torch.tensor([1])
+    u = post(x, -1)
+    plain = u + 2.0 * (post(x, cond) - u)
+    spy = Spy()
+    zero = GuidedDenoiser(spy, cond=cond, uncond=UNCOND, negative=neg, negative_scale=0.0, guidance_scale=2.0)
+    assert torch.allclose(zero(x, LEVEL), plain, atol=1e-12, rtol=0) and zero.nfe == 2 and len(spy.calls[0]) == 6
+    n = post(x, 1)
+    replaced = GuidedDenoiser(Spy(), cond=cond, uncond=UNCOND, negative=neg, guidance_scale=2.0)(x, LEVEL)
+    assert torch.allclose(replaced, n + 2.0 * (post(x, cond) - n), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "unipc"])
+def test_negative_scale_w_minus_one_samples_like_the_replacing_negative(sampler: str) -> None:
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    opts = dict(schedule=SCHED, sampler=sampler, steps=8, cond=torch.tensor([0]), uncond=UNCOND,
+                negative=torch.tensor([1]), guidance_scale=3.0)
+    model = GMM.model(SCHED)
+    replaced = nw.sample(model, z, **opts)
+    weighted = nw.sample(model, z, negative_scale=2.0, return_info=True, **opts)
+    assert torch.allclose(weighted.x, replaced, atol=1e-9, rtol=0)
+    half = nw.sample(model, z, negative_scale=1.0, **opts)
+    assert (half - replaced).abs().max() > 1e-3  # a different weight is a different sampler
+
+
+def test_a_larger_negative_scale_pushes_more_samples_out_of_the_negative_class() -> None:
+    z = torch.randn(256, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    share = {}
+    for s in (0.0, 1.0, 3.0):
+        x = nw.sample(GMM.model(SCHED), z, schedule=SCHED, sampler="dpmpp_2m", steps=20, spacing="karras",
+                      cond=torch.tensor([-1]), uncond=UNCOND, negative=torch.tensor([1]), negative_scale=s,
+                      guidance_scale=1.0)
+        share[s] = (class_of(GMM, x) == 1).double().mean().item()
+    assert share[0.0] > share[1.0] > share[3.0] and share[3.0] < 0.5 * share[0.0], share
+
+
+def test_composed_denoiser_adds_the_negative_term() -> None:
+    x = x_(2)
+    cond, guide, neg = torch.tensor([0, 3]), torch.tensor([-1, -1]), torch.tensor([1, 1])
+    comp = Composition(torch.tensor([2]), owner=[0], weight=[0.7])
+    spy = Spy()
+    d = ComposedDenoiser(spy, cond=cond, guide=guide, guidance_scale=2.0, composition=comp, negative=neg,
+                         negative_scale=0.5)
+    out = d(x, LEVEL)
+    u = post(x, -1)
+    ref = u + 2.0 * (post(x, cond) - u) - 0.5 * (post(x, 1) - u)
+    ref[0] += 0.7 * (post(x[:1], 2) - u[:1])[0]
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    assert spy.calls == [[-1, -1, 1, 1, 0, 3, 2]] and d.nfe == 4
+    # through nw.sample, with components measured from the full prompt (regional prompting): s = w - 1 is
+    # the replacing negative there too (components measured from the guide see u instead of the negative)
+    z = torch.randn(8, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    opts = dict(schedule=SCHED, sampler="dpmpp_2m", steps=6, cond=torch.tensor([0]).expand(8), guidance_scale=2.5,
+                composition=Composition(torch.tensor([2]), owner=[0], weight=[0.7], relative="cond"))
+    model = GMM.model(SCHED)
+    replaced = nw.sample(model, z, uncond=UNCOND.expand(8), negative=torch.tensor([1]).expand(8), **opts)
+    weighted = nw.sample(model, z, uncond=UNCOND.expand(8), negative=torch.tensor([1]).expand(8), negative_scale=1.5,
+                         **opts)
+    assert torch.allclose(weighted, replaced, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), True, "1"])
+def test_bad_negative_scales_are_refused(bad) -> None:
+    with pytest.raises(ValueError, match="negative_scale must be a finite number >= 0"):
+        GuidedDenoiser(Spy(), cond=torch.tensor([0]), uncond=UNCOND, negative=torch.tensor([1]), negative_scale=bad,
+                       guidance_scale=2.0)
+
+
+def test_negative_scale_needs_uncond_and_refuses_cfgpp_and_autoguidance() -> None:
+    with pytest.raises(ValueError, match="pass uncond= too"):
+        GuidedDenoiser(Spy(), cond=torch.tensor([0]), negative=torch.tensor([1]), negative_scale=1.0,
+                       guidance_scale=2.0)
+    with pytest.raises(ValueError, match="pass uncond= too"):
+        nw.sample(GMM.model(SCHED), x_(1), schedule=SCHED, steps=2, cond=torch.tensor([0]), negative=torch.tensor([1]),
+                  negative_scale=1.0, guidance_scale=2.0, composition=Composition(torch.tensor([2]), [0], [1.0]))
+    with pytest.raises(ValueError, match="CFG\\+\\+"):
+        GuidedDenoiser(Spy(), cond=torch.tensor([0]), uncond=UNCOND, negative=torch.tensor([1]), negative_scale=1.0,
+                       guidance_scale=0.5, guidance="cfgpp")
+    with pytest.raises(ValueError, match="autoguidance"):
+        GuidedDenoiser(Spy(), cond=torch.tensor([0]), negative=torch.tensor([1]), negative_scale=1.0,
+                       guidance=Autoguidance(guide=Spy()), uncond=UNCOND)
+    # APG combines c and u; the negative term is added after it, in one forward
+    spy = Spy()
+    d = GuidedDenoiser(spy, cond=torch.tensor([0]), uncond=UNCOND, negative=torch.tensor([1]), negative_scale=1.0,
+                       guidance_scale=2.0, guidance=APG())
+    assert torch.isfinite(d(x_(1), LEVEL)).all() and spy.calls == [[0, -1, 1]]
+
+
+# -- the pipeline, the CLI, the HTTP API ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipe():
+    from noisewise.pipeline import Pipeline
+
+    return Pipeline.from_pretrained("shapes-vp")
+
+
+def test_pipeline_negative_scale(pipe) -> None:
+    prompts = ["a red circle on the left", "a blue square at the top"]
+    w = pipe.defaults["guidance_scale"]
+    base = pipe(prompts, seed=2, steps=4, compose="off", negative_scale=None)
+    spy = RowSpy(pipe)
+    same = pipe(prompts, seed=2, steps=4, compose="off", negative_scale=w - 1, model=spy)
+    assert spy.rows == [6] * 4 and same.nfe == 12  # cond, empty prompt and negative rows
+    assert np.abs(same.images.astype(int) - base.images.astype(int)).max() <= 1
+    res = pipe(prompts, seed=2, steps=4, compose="off", negative_scale=0.5)
+    assert res.metadata[0]["negative_scale"] == 0.5 and "negative_scale" not in base.metadata[0]
+    assert not np.array_equal(res.images, base.images)
+    m = res.metadata[1]
+    again = pipe(m["prompt"], seed=m["seed"], steps=4, compose=m["compose"], negative_prompt=m["negative_prompt"],
+                 negative_scale=m["negative_scale"])
+    assert np.array_equal(again.images[0], res.images[1])
+    # no negative prompt: nothing to weigh, plain CFG and no extra rows
+    spy = RowSpy(pipe)
+    none = pipe(prompts, seed=2, steps=4, compose="off", negative_prompt="", negative_scale=2.0, model=spy)
+    assert spy.rows == [4] * 4 and "negative_scale" not in none.metadata[0]
+    # the model's default is used when the call gives none
+    saved = dict(pipe.defaults)
+    try:
+        pipe.defaults["negative_scale"] = 0.5
+        assert np.array_equal(pipe(prompts, seed=2, steps=4, compose="off").images, res.images)
+    finally:
+        pipe.defaults.clear()
+        pipe.defaults.update(saved)
+    with pytest.raises(ValueError, match="negative_scale"):
+        pipe(prompts, steps=2, negative_scale=-1.0)
+
+
+def test_cli_negative_scale_is_stored_and_checked(tmp_path) -> None:
+    from PIL import Image
+
+    from tests.test_cli_generate import run_cli
+
+    out = tmp_path / "o.png"
+    r = run_cli("generate", "a red circle", "--steps", "2", "--negative-scale", "0.75", "--out", str(out),
+                "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(Image.open(out).text["parameters"])["negative_scale"] == 0.75
+    bad = run_cli("generate", "a red circle", "--negative-scale", "-1", "--out", str(out))
+    assert bad.returncode != 0 and "--negative-scale" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_http_negative_scale() -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from noisewise.server import ServerConfig, create_app
+
+    app = create_app(ServerConfig(models=("shapes-vp",), preload=("shapes-vp",), max_steps=50, max_images=2,
+                                  max_wait_s=0.02), wait_ready=True)
+    with TestClient(app) as client:
+        r = client.post("/v1/generate", json={"prompt": "a red circle", "steps": 3, "seed": 1, "negative_scale": 0.5})
+        assert r.status_code == 200, r.text
+        assert r.json()["images"][0]["metadata"]["negative_scale"] == 0.5
+        bad = client.post("/v1/generate", json={"prompt": "a red circle", "negative_scale": -1})
+        assert bad.status_code == 422 and "negative_scale" in bad.text
