@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-prompts", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--negative-prompt", default=None,
+                   help="default: the model's (the defaults stage probes guidance scales with \"\": none)")
+    p.add_argument("--negative-scale", type=float, default=None, help="default: the model's")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="append the result as a json line here")
     a = p.parse_args(argv)
@@ -48,11 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     mean: dict[str, float] = {}
     for seed in a.seeds:
-        for k, v in probe.raw_accuracy(pipe, seed=seed, guidance_scale=a.guidance).items():
+        for k, v in probe.raw_accuracy(pipe, seed=seed, guidance_scale=a.guidance, negative_prompt=a.negative_prompt,
+                                       negative_scale=a.negative_scale).items():
             if not k.startswith(("n_", "rate_")):
                 mean[k] = mean.get(k, 0.0) + v / len(a.seeds)
     row = {"run": str(run), "kind": a.kind, "steps": meta["steps"], "batch_size": meta["batch_size"],
-           "lr": meta["lr"], "guidance": a.guidance, "seeds": a.seeds, "n_prompts": a.n_prompts,
+           "lr": meta["lr"], "guidance": a.guidance,
+           "negative_prompt": pipe.defaults["negative_prompt"] if a.negative_prompt is None else a.negative_prompt,
+           "negative_scale": a.negative_scale if a.negative_scale is not None else pipe.defaults.get("negative_scale"),
+           "seeds": a.seeds, "n_prompts": a.n_prompts,
            "evaluator": a.evaluator, **{k: round(v, 3) for k, v in mean.items()},
            "seconds": round(time.time() - t0, 1)}
     print(json.dumps(row))

@@ -363,21 +363,32 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     shipped_flow = ts.shipped_defaults()["flow"]
     assert pipe.defaults == {**pipe.defaults, **shipped_flow}  # no defaults chosen yet: the shipped ones
 
-    # the defaults stage: probe guidance scales with the run's evaluator, write the choice, export it
+    # the defaults stage: probe guidance scales (no negative prompt), then negative settings at the chosen
+    # scale, with the run's evaluator; write the choice, export it
     ts.main(["evaluator", "--run", run, "--device", "cpu", "--steps", "2", "--batch-size", "8", "--no-progress"])
     ts.main(["defaults", "--run", run, "--device", "cpu", "--n-prompts", "4", "--guidance", "1", "6",
+             "--negative-prompts", "blurry", "--negative-scales", "replace", "0.5", "--negative-seeds", "1", "2",
              "--dest", str(tmp_path / "models")])
     chosen = json.loads((tmp_path / "export" / "defaults.json").read_text())
     probe = {float(w): acc for w, acc in chosen["probe"]["flow"].items()}
     assert sorted(probe) == [1.0, 6.0] and "vp" not in chosen["defaults"]  # only flow was trained
     best = ts.choose_guidance(probe)
-    assert chosen["defaults"]["flow"] == {**shipped_flow, "guidance_scale": best}
+    neg = chosen["negative_probe"]["flow"]
+    assert neg["guidance_scale"] == best and neg["seeds"] == [1, 2]
+    cands = {(c["negative_prompt"], c["negative_scale"]): c for c in neg["candidates"]}
+    assert set(cands) == {("blurry", 0.5), ("blurry", "replace")}
+    (n, s), met = ts.choose_negative(cands, neg["baseline"]["defect_rate"])
+    assert met == neg["cut_reached"]
+    want = {**shipped_flow, "guidance_scale": best, "negative_prompt": n}
+    if s != "replace":
+        want["negative_scale"] = s
+    assert chosen["defaults"]["flow"] == want
     for folder in (tmp_path / "models", tmp_path / "weights"):
         index = json.loads((folder / "shapes-flow" / "model_index.json").read_text())
-        assert index["_noisewise"]["defaults"] == {**shipped_flow, "guidance_scale": best}
+        assert index["_noisewise"]["defaults"] == want
     ts.main(["export", "--run", run, "--dest", str(tmp_path / "again")])  # a later export keeps the choice
     index = json.loads((tmp_path / "again" / "shapes-flow" / "model_index.json").read_text())
-    assert index["_noisewise"]["defaults"]["guidance_scale"] == best
+    assert index["_noisewise"]["defaults"] == want
 
     # bench/probe_denoiser.py reads the same run as the defaults probe did: at the same prompts, seed and
     # guidance it must find the same accuracies, and it appends the run's training settings
@@ -389,7 +400,7 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     rows = tmp_path / "probe.jsonl"
     for _ in range(2):
         pd.main(["--run", run, "--kind", "flow", "--evaluator", str(tmp_path / "models" / "shapes-evaluator"),
-                 "--n-prompts", "4", "--seeds", "1", "--guidance", "6", "--out", str(rows)])
+                 "--n-prompts", "4", "--seeds", "1", "--guidance", "6", "--negative-prompt", "", "--out", str(rows)])
     got = [json.loads(line) for line in rows.read_text().splitlines()]
     same = [json.dumps({**g, "seconds": 0}, sort_keys=True) for g in got]  # (a NaN is never == itself)
     assert len(got) == 2 and got[0]["seconds"] >= 0 and same[0] == same[1]  # deterministic
@@ -397,17 +408,45 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     for k in ("background", "shape", "color", "size", "position", "defect_rate"):
         want = probe[6.0][k]
         assert got[0][k] == pytest.approx(want, abs=6e-4) or (want != want and got[0][k] != got[0][k]), k
+    # the negative probe's baseline is the mean over its seeds, with no negative prompt, at the chosen scale
+    pd.main(["--run", run, "--kind", "flow", "--evaluator", str(tmp_path / "models" / "shapes-evaluator"),
+             "--n-prompts", "4", "--seeds", "1", "2", "--guidance", str(best), "--negative-prompt", "",
+             "--out", str(rows)])
+    two = json.loads(rows.read_text().splitlines()[-1])
+    for k in ("background", "shape", "color", "size", "position", "defect_rate"):
+        want = neg["baseline"][k]
+        assert two[k] == pytest.approx(want, abs=6e-4) or (want != want and two[k] != two[k]), k
 
 
-def test_choose_guidance_takes_the_best_mean_accuracy_and_the_lowest_scale_among_equals():
+def test_choose_guidance_takes_the_best_mean_of_accuracies_and_clean_share_and_the_lowest_scale_among_equals():
     ts = _train_script()
     acc = {"background": 1.0, "shape": 0.8, "color": 0.8, "size": 0.9, "position": 0.9, "defect_rate": 0.1}
     better = {**acc, "color": 0.9}
     assert ts.choose_guidance({2.0: acc, 3.0: better, 5.0: acc}) == 3.0
     assert ts.choose_guidance({5.0: better, 3.0: better, 2.0: acc}) == 3.0
-    assert ts.choose_guidance({4.0: acc, 2.0: {**acc, "defect_rate": 0.9}}) == 2.0  # defects do not count
+    assert ts.choose_guidance({2.0: acc, 4.0: {**acc, "defect_rate": 0.0}}) == 4.0  # fewer defects count
+    # colour +0.1 (mean accuracy +0.02) outweighs 0.005 more defects, not 0.15 more
+    assert ts.choose_guidance({2.0: acc, 3.0: {**better, "defect_rate": 0.105}}) == 3.0
+    assert ts.choose_guidance({2.0: acc, 3.0: {**better, "defect_rate": 0.25}}) == 2.0
     no_size = {**acc, "size": float("nan")}  # no probe prompt named a size
     assert ts.choose_guidance({2.0: no_size, 3.0: {**no_size, "shape": 0.9}}) == 3.0
+
+
+def test_choose_negative_takes_the_most_accurate_setting_that_cuts_defects_to_a_third():
+    ts = _train_script()
+    acc = {"background": 1.0, "shape": 0.9, "color": 0.9, "size": 0.9, "position": 0.9}
+    scores = {("a", "replace"): {**acc, "color": 0.95, "defect_rate": 0.02},  # most accurate, misses the cut
+              ("a", 1.0): {**acc, "defect_rate": 0.01},
+              ("b", 0.5): {**acc, "defect_rate": 0.0},
+              ("b", "replace"): {**acc, "defect_rate": 0.01}}
+    # baseline 0.03: the cut is 0.01; three equal settings meet it: the cheapest (replace) wins
+    assert ts.choose_negative(scores, 0.03) == (("b", "replace"), True)
+    del scores[("b", "replace")]
+    assert ts.choose_negative(scores, 0.03) == (("b", 0.5), True)  # among scales, the smaller
+    assert ts.choose_negative(scores, 0.06) == (("a", "replace"), True)  # a looser cut: the most accurate
+    # none meets a cut of 0.0 / 3: the lowest defect rate
+    assert ts.choose_negative({k: v for k, v in scores.items() if k != ("b", 0.5)}, 0.0) == (("a", 1.0), False)
+    assert ts.choose_negative(scores, 0.03, cut=100.0) == (("b", 0.5), True)
 
 
 def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path):

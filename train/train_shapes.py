@@ -31,8 +31,9 @@ scratch on a 2-core CPU in 2 hours (the small architectures; docs/benchmarks/mod
 
 ``cpu-2h`` runs the evaluator beside the caption encoding and the two denoisers side by side, one
 thread each (``--lanes 2``; each such stage logs to ``<run>/logs/<stage>.log``). ``defaults``
-then chooses each denoiser's default guidance scale with the run's own evaluator (on prompts drawn
-apart from the benchmark's) and writes it into the exported folders.
+then chooses each denoiser's default guidance scale, negative prompt and negative scale with the
+run's own evaluator (on prompts drawn apart from the benchmark's; ~13 minutes on the 2-core CPU) and
+writes them into the exported folders.
 
 Every stage is seeded; a run with ``--steps N`` and no ``--max-seconds`` repeats exactly (the log
 and ``<run>/export/<stage>.json`` give the N a time-boxed run settled on). ``--resume`` continues from
@@ -53,6 +54,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -384,9 +386,12 @@ class _Probe:
 
         return attribute_accuracy(self.requests, self.evaluator.predict(pipe(self.prompts, **kw).images))
 
-    def accuracy(self, pipe: Any, **kw: Any) -> dict[str, float]:
-        """The evaluator's accuracies (rounded; no counts) on ``pipe(prompts, **kw)``."""
-        return {k: round(v, 4) for k, v in self.raw_accuracy(pipe, **kw).items() if not k.startswith("n_")}
+    def accuracy(self, pipe: Any, seeds: Sequence[int] | None = None, **kw: Any) -> dict[str, float]:
+        """The evaluator's accuracies (rounded; no counts) on ``pipe(prompts, **kw)``; with ``seeds``,
+        their mean over one run per seed (the prompts' attribute counts are the same in each)."""
+        runs = [self.raw_accuracy(pipe, **kw)] if seeds is None else [self.raw_accuracy(pipe, seed=s, **kw)
+                                                                       for s in seeds]
+        return {k: round(float(np.mean([r[k] for r in runs])), 4) for k in runs[0] if not k.startswith("n_")}
 
 
 def cmd_samples(a: argparse.Namespace) -> None:
@@ -421,23 +426,52 @@ def cmd_samples(a: argparse.Namespace) -> None:
 DEFAULTS_PROMPT_SEED = 40_000  # not bench_models' 20_000 nor samples' 30_000: chosen on other prompts than measured
 
 
-def choose_guidance(scores: dict[float, dict[str, float]]) -> float:
-    """The guidance scale whose probe has the highest mean accuracy over the requested attributes
-    (the lowest scale among equals; an attribute no probe prompt asked for is left out)."""
+def mean_accuracy(acc: dict[str, float]) -> float:
+    """The mean accuracy over the requested attributes (one no probe prompt asked for is left out)."""
     from noisewise.shapes.evaluator import ATTRIBUTES
 
-    def mean(acc: dict[str, float]) -> float:
-        values = [acc[k] for k in ATTRIBUTES if not np.isnan(acc[k])]
-        return float(np.mean(values)) if values else -1.0
+    values = [acc[k] for k in ATTRIBUTES if not np.isnan(acc[k])]
+    return float(np.mean(values)) if values else -1.0
 
-    return max(sorted(scores), key=lambda w: (round(mean(scores[w]), 6), -w))
+
+def choose_guidance(scores: dict[float, dict[str, float]]) -> float:
+    """The guidance scale whose probe has the highest mean of the requested attributes' accuracies
+    and the share of clean images (``1 - defect_rate``: too high a scale makes images the evaluator
+    reads as blurry); the lowest scale among equals."""
+    def score(acc: dict[str, float]) -> float:
+        return (mean_accuracy(acc) * 5 + 1.0 - acc["defect_rate"]) / 6
+
+    return max(sorted(scores), key=lambda w: (round(score(scores[w]), 6), -w))
+
+
+REPLACE = "replace"  # a negative-scale candidate: the negative prompt replaces the unconditional branch
+
+
+def choose_negative(scores: dict[tuple[str, Any], dict[str, float]], baseline: float,
+                    cut: float = 3.0) -> tuple[tuple[str, Any], bool]:
+    """The (negative prompt, negative scale) whose probe cuts the defect rate to at most ``baseline /
+    cut`` (``baseline``: the rate with no negative prompt at the same guidance) with the highest mean
+    accuracy; among equals the cheaper one (``REPLACE``: two rows per step, a scale three) and the
+    smaller scale. When none reaches the cut: the lowest defect rate (then the highest accuracy).
+    Returns the choice and whether it reached the cut."""
+    def cost(key: tuple[str, Any]) -> tuple[int, float]:
+        return (0, 0.0) if key[1] == REPLACE else (1, float(key[1]))
+
+    met = [k for k, acc in scores.items() if acc["defect_rate"] <= baseline / cut + 1e-12]
+    if met:
+        return min(met, key=lambda k: (-round(mean_accuracy(scores[k]), 6), cost(k))), True
+    return min(scores, key=lambda k: (round(scores[k]["defect_rate"], 6), -round(mean_accuracy(scores[k]), 6),
+                                      cost(k))), False
 
 
 def cmd_defaults(a: argparse.Namespace) -> None:
-    """Choose each denoiser's default guidance scale for this run's models with the run's own
-    evaluator, on ``--n-prompts`` prompts drawn apart from the benchmark's, keeping the default
-    sampler, steps and negative prompt; writes ``<run>/export/defaults.json``, which ``export``
-    writes into the model folders."""
+    """Choose each denoiser's generation defaults for this run's models with the run's own evaluator,
+    on ``--n-prompts`` prompts drawn apart from the benchmark's: the guidance scale with no negative
+    prompt (:func:`choose_guidance`: the best mean of the accuracies and the clean share), then at
+    that scale the negative prompt and negative scale (:func:`choose_negative`: the most accurate
+    one that cuts the defect rate to a third). Keeps the
+    default sampler and steps; writes ``<run>/export/defaults.json``, which ``export`` writes into
+    the model folders."""
     t0 = time.time()
     run = Path(a.run)
     flat = run / "export"
@@ -445,6 +479,7 @@ def cmd_defaults(a: argparse.Namespace) -> None:
     prober = _Probe(a, prompt_seed=DEFAULTS_PROMPT_SEED)
     chosen: dict[str, dict[str, Any]] = {}
     probe: dict[str, dict[str, dict[str, float]]] = {}
+    negative_probe: dict[str, dict[str, dict[str, Any]]] = {}
     for kind in ("vp", "flow"):
         folder = run / "weights" / f"shapes-{kind}"
         if not folder.is_dir():
@@ -452,15 +487,37 @@ def cmd_defaults(a: argparse.Namespace) -> None:
         pipe = prober.pipeline(folder)
         scores: dict[float, dict[str, float]] = {}
         for w in a.guidance:
-            scores[w] = prober.accuracy(pipe, seed=a.seed, guidance_scale=w)
-            log.info("%s guidance %g: %s", kind, w, json.dumps(scores[w]))
+            scores[w] = prober.accuracy(pipe, seed=a.seed, guidance_scale=w, negative_prompt="")
+            log.info("%s guidance %g, no negative prompt: %s", kind, w, json.dumps(scores[w]))
         best = choose_guidance(scores)
-        chosen[kind] = {**pipe.defaults, "guidance_scale": best}
+        # the defect rates are a few images in a hundred: the negative settings are compared on more seeds
+        baseline = prober.accuracy(pipe, seeds=a.negative_seeds, guidance_scale=best, negative_prompt="")
+        log.info("%s guidance %g, no negative prompt, seeds %s: %s", kind, best, a.negative_seeds, json.dumps(baseline))
+        negs: dict[tuple[str, Any], dict[str, float]] = {}
+        for neg in a.negative_prompts:
+            for sc in a.negative_scales:
+                s = REPLACE if sc == REPLACE else float(sc)
+                if s != REPLACE and (best > 1 and s == best - 1):
+                    continue  # the same as replacing, at one more row per step
+                negs[(neg, s)] = prober.accuracy(pipe, seeds=a.negative_seeds, guidance_scale=best,
+                                                 negative_prompt=neg, negative_scale=None if s == REPLACE else s)
+                log.info("%s guidance %g, negative %r scale %s: %s", kind, best, neg, s, json.dumps(negs[(neg, s)]))
+        (neg, s), met = choose_negative(negs, baseline["defect_rate"], a.defect_cut)
+        if not met:
+            log.warning("%s: no negative prompt cut the defect rate to 1/%g of %.4f; chose the lowest", kind,
+                        a.defect_cut, baseline["defect_rate"])
+        chosen[kind] = {**pipe.defaults, "guidance_scale": best, "negative_prompt": neg}
+        chosen[kind].pop("negative_scale", None)
+        if s != REPLACE:
+            chosen[kind]["negative_scale"] = s
         probe[kind] = {f"{w:g}": v for w, v in scores.items()}
-        log.info("%s: default guidance %g (was %g)", kind, best, pipe.defaults["guidance_scale"])
-    _write_json(flat / "defaults.json", {"defaults": chosen, "probe": probe, "n_prompts": a.n_prompts,
-                                         "prompt_seed": DEFAULTS_PROMPT_SEED, "seed": a.seed,
-                                         "seconds": round(time.time() - t0, 1)})
+        negative_probe[kind] = {"guidance_scale": best, "seeds": a.negative_seeds, "baseline": baseline,
+                                "cut_reached": met, "candidates": [{"negative_prompt": n, "negative_scale": sc, **v}
+                                                                   for (n, sc), v in negs.items()]}
+        log.info("%s: default guidance %g, negative prompt %r, negative scale %s", kind, best, neg, s)
+    _write_json(flat / "defaults.json", {"defaults": chosen, "probe": probe, "negative_probe": negative_probe,
+                                         "n_prompts": a.n_prompts, "prompt_seed": DEFAULTS_PROMPT_SEED,
+                                         "seed": a.seed, "seconds": round(time.time() - t0, 1)})
     export(flat, run / "weights")
     if a.dest:
         export(flat, Path(a.dest))
@@ -645,6 +702,18 @@ def cmd_all(a: argparse.Namespace) -> None:
         export(Path(a.run) / "export", Path(a.dest))
 
 
+def _negative_scale_arg(v: str) -> str | float:
+    if v == REPLACE:
+        return v
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{REPLACE}' or a number >= 0, got {v!r}") from None
+    if not f >= 0 or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"a negative scale must be a finite number >= 0, got {v!r}")
+    return f
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -746,13 +815,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=cmd_samples)
 
-    s = sub.add_parser("defaults", help="choose each denoiser's default guidance scale with the run's evaluator")
+    s = sub.add_parser("defaults", help="choose each denoiser's default guidance scale, negative prompt and negative "
+                                        "scale with the run's evaluator")
     s.add_argument("--run", default="runs/shapes")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--text-encoder", default=None)
     s.add_argument("--n-prompts", type=int, default=200)
     s.add_argument("--seed", type=int, default=1, help="the probe's sampling seed")
-    s.add_argument("--guidance", type=float, nargs="+", default=[1.5, 2.0, 3.0, 4.0, 5.0])
+    s.add_argument("--guidance", type=float, nargs="+", default=[1.5, 2.0, 3.0, 4.0, 5.0],
+                   help="guidance scales to probe (with no negative prompt)")
+    s.add_argument("--negative-prompts", nargs="+", default=["blurry, watermark", "blurry, noisy, watermark"],
+                   help="negative prompts to probe at the chosen guidance scale")
+    s.add_argument("--negative-seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="sampling seeds of the negative-prompt probe (its defect rates are a few images in a hundred)")
+    s.add_argument("--negative-scales", type=_negative_scale_arg, nargs="+", default=[REPLACE, 0.5, 1.0],
+                   help="negative scales to probe with each: 'replace' (the negative prompt replaces the "
+                        "unconditional branch) or a number s (its own weight, one more row per step)")
+    s.add_argument("--defect-cut", type=float, default=3.0,
+                   help="a negative setting qualifies when it cuts the defect rate to 1/this of no negative prompt")
     s.add_argument("--dest", default=None, help="also export the model folders, with the chosen defaults, here")
     s.set_defaults(func=cmd_defaults)
 
