@@ -179,6 +179,11 @@ def test_pipeline_negative_scale(pipe) -> None:
     try:
         pipe.defaults["negative_scale"] = 0.5
         assert np.array_equal(pipe(prompts, seed=2, steps=4, compose="off").images, res.images)
+        # a guidance method (CFG++ refuses a negative scale) gets the replacing negative, not the model's scale
+        cfgpp = pipe(prompts, seed=2, steps=4, guidance="cfgpp", guidance_scale=0.5)
+        assert "negative_scale" not in cfgpp.metadata[0]
+        with pytest.raises(ValueError, match="CFG\\+\\+"):
+            pipe(prompts, steps=2, guidance="cfgpp", guidance_scale=0.5, negative_scale=0.5)
     finally:
         pipe.defaults.clear()
         pipe.defaults.update(saved)

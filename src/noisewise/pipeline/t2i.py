@@ -300,7 +300,7 @@ class Pipeline:
             negative_scale: give the negative prompt its own weight ``s`` instead of letting it replace
                 the unconditional branch: ``D(u) + w (D(c) - D(u)) - s (D(neg) - D(u))``, one more
                 network row per image (replacing it is ``s = w - 1``). Default: the model's, else
-                None (replace).
+                None (replace); with a ``guidance=`` method None (CFG++ and autoguidance refuse a scale).
             sampler / steps / guidance_scale: default to the model's recommendation.
             model: a stand-in for the network called as ``model(x, model_time, cond)`` instead of
                 :meth:`model_fn` (e.g. a :class:`noisewise.serving.ForwardBatcher` over it).
@@ -355,8 +355,9 @@ class Pipeline:
         neg = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
         from ..guidance.guided import _map, check_negative_scale
 
-        neg_scale = check_negative_scale(negative_scale if negative_scale is not None
-                                         else self.defaults.get("negative_scale"))
+        if negative_scale is None and sampler_options.get("guidance") is None:
+            negative_scale = self.defaults.get("negative_scale")  # a guidance method gets the replacing negative
+        neg_scale = check_negative_scale(negative_scale)
         if not neg.strip():
             neg_scale = None  # no negative prompt: nothing to weigh
         for p in dict.fromkeys(prompts):
