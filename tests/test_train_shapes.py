@@ -468,7 +468,10 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
         monkeypatch.setattr(ts, f"cmd_{name}", stage(name))
     spawned = []
 
+    argvs = {}
+
     def spawn(argv, log_path, threads):  # the lanes' processes, run here in turn (the stages are fakes)
+        argvs[argv[0]] = argv
         spawned.append((argv[0] + (f"-{argv[argv.index('--kind') + 1]}" if "--kind" in argv else ""), threads,
                         "--no-progress" in argv, log_path.name))
         sub = ts.build_parser().parse_args(argv)
@@ -493,6 +496,11 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
     half = max(1, torch.get_num_threads() // 2)
     assert spawned == [("evaluator", half, True, "evaluator.log"), ("captions", half, False, "captions.log"),
                        ("unet-vp", half, True, "unet-vp.log"), ("unet-flow", half, True, "unet-flow.log")]
+    # the caption encoding takes the evaluator's thread once the evaluator is done
+    grow = argvs["captions"][argvs["captions"].index("--grow-threads-file"):]
+    assert grow == ["--grow-threads-file", str(tmp_path / "logs" / "evaluator.done"), "--grow-threads",
+                    str(torch.get_num_threads())]
+    assert "--grow-threads-file" not in argvs["evaluator"]
     meta = json.loads((tmp_path / "export" / "all.json").read_text())
     assert meta["recipe"] == "cpu-2h" and meta["options"] == r and meta["lanes"] == 2
     assert set(meta["wall_seconds"]) == {"data", "vae", "evaluator", "captions", "unet-vp", "unet-flow", "total"}
@@ -529,13 +537,48 @@ def test_lanes_run_stage_processes_side_by_side_and_a_failure_stops_the_rest(tmp
     assert set(wall) == {"a", "b"}
     assert (tmp_path / "a" / "data" / "images.npy").is_file() and (tmp_path / "b" / "data" / "images.npy").is_file()
     assert (tmp_path / "logs" / "a.log").is_file()
+    assert (tmp_path / "logs" / "a.done").is_file() and (tmp_path / "logs" / "b.done").is_file()
     t = time.time()
     long = ["data", "--run", str(tmp_path / "long"), "--n", "2000000", "--workers", "1"]
     bad = ["unet", "--run", str(tmp_path / "missing"), "--kind", "vp", "--device", "cpu", "--steps", "1"]
+    (tmp_path / "logs" / "bad.done").touch()  # from an earlier run: removed when the stage starts
     with pytest.raises(SystemExit, match=r"stage bad failed \(exit 1\).*logs/bad.log"):
         ts._run_lanes([[("long", long)], [("bad", bad)]], tmp_path, 1)
+    assert not (tmp_path / "logs" / "bad.done").exists() and not (tmp_path / "logs" / "long.done").exists()
     assert time.time() - t < 120  # rendering 2,000,000 images would take far longer
     assert not (tmp_path / "long" / "data" / "images.npy").exists()
+
+
+def test_captions_take_more_threads_once_the_grow_file_exists(tmp_path, caplog):
+    """The caption encoding beside the evaluator goes on with all the threads once the evaluator's
+    ``.done`` file appears (checked before every batch), and encodes the same states."""
+    import logging
+
+    ts = _train_script()
+    run = str(tmp_path)
+    ts.main(["data", "--run", run, "--n", "8", "--heldout", "4", "--workers", "1", "--captions", "1"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        flag = tmp_path / "logs" / "evaluator.done"
+        ts.main(["captions", "--run", run, "--device", "cpu", "--grow-threads-file", str(flag), "--grow-threads", "2"])
+        assert torch.get_num_threads() == 1  # no file: the threads it was given
+        first = torch.load(tmp_path / "captions.pt")
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.touch()
+        with caplog.at_level(logging.INFO, logger="train_shapes"):
+            ts.main(["captions", "--run", run, "--device", "cpu", "--grow-threads-file", str(flag),
+                     "--grow-threads", "2"])
+        assert torch.get_num_threads() == 2 and "encoding on 2 threads" in caplog.text
+        again = torch.load(tmp_path / "captions.pt")
+        assert torch.allclose(first["states"].float(), again["states"].float(), atol=2e-3)
+        assert torch.equal(first["index"], again["index"])
+    finally:
+        torch.set_num_threads(before)
+    calls = []
+    T.encode_captions(type("Enc", (), {"encode_uncached": lambda self, t, warn: torch.zeros(len(t), 2, 3)})(),
+                      [["a"], ["b"], ["c"]], batch_size=2, before_batch=lambda: calls.append(1))
+    assert len(calls) == 2  # once per batch
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -30,7 +30,8 @@ scratch on a 2-core CPU in 2 hours (the small architectures; docs/benchmarks/mod
     python train/train_shapes.py defaults --run runs/cpu --device cpu --dest runs/cpu/models
 
 ``cpu-2h`` runs the evaluator beside the caption encoding and the two denoisers side by side, one
-thread each (``--lanes 2``; each such stage logs to ``<run>/logs/<stage>.log``). ``defaults``
+thread each (``--lanes 2``; each such stage logs to ``<run>/logs/<stage>.log``); the caption
+encoding takes the evaluator's thread too once the evaluator is done. ``defaults``
 then chooses each denoiser's default guidance scale, negative prompt and negative scale with the
 run's own evaluator (on prompts drawn apart from the benchmark's; ~13 minutes on the 2-core CPU) and
 writes them into the exported folders.
@@ -181,10 +182,19 @@ def _caption_states(a: argparse.Namespace, data: ShapesData) -> tuple[torch.Tens
 
 
 def cmd_captions(a: argparse.Namespace) -> None:
-    """Encode the captions once for both denoisers (``unet`` reads ``<run>/captions.pt``)."""
+    """Encode the captions once for both denoisers (``unet`` reads ``<run>/captions.pt``). With
+    ``--grow-threads-file``: once that file exists (``all`` lanes: the stage beside this one is
+    done), go on with ``--grow-threads`` torch threads."""
     data = _data(a, mmap=True)
     t = time.time()
-    states, index = T.encode_captions(_text_encoder(a), data.captions)
+
+    def grow() -> None:
+        if a.grow_threads_file and torch.get_num_threads() < a.grow_threads and Path(a.grow_threads_file).exists():
+            torch.set_num_threads(a.grow_threads)
+            log.info("%s exists: encoding on %d threads from here (%.0f s in)", a.grow_threads_file,
+                     torch.get_num_threads(), time.time() - t)
+
+    states, index = T.encode_captions(_text_encoder(a), data.captions, before_batch=grow)
     log.info("encoded %d distinct captions in %.1f s", len(states), time.time() - t)
     out = Path(a.run) / "captions.pt"
     tmp = out.with_suffix(".tmp")
@@ -591,11 +601,14 @@ def _run_lanes(lanes: list[list[tuple[str, list[str]]]], run: Path, threads: int
                         raise SystemExit(f"stage {label} failed (exit {rc}); the other stages were stopped. "
                                          f"Its log, {log_path}, ends:\n" + "\n".join(tail))
                     wall[label] = round(time.time() - t, 1)
+                    (run / "logs").mkdir(parents=True, exist_ok=True)
+                    (run / "logs" / f"{label}.done").touch()  # a stage beside it may take its threads
                     log.info("stage %s done in %.0f s", label, wall[label])
                     live[i] = None
                 if lane:
                     label, argv = lane.pop(0)
                     log_path = run / "logs" / f"{label}.log"
+                    (run / "logs" / f"{label}.done").unlink(missing_ok=True)  # from an earlier run
                     log.info("stage %s (%d thread(s), log %s): %s", label, threads, log_path, " ".join(argv))
                     live[i] = (label, log_path, _spawn(argv, log_path, threads), time.time())
             time.sleep(_POLL_SECONDS)
@@ -643,6 +656,7 @@ def cmd_all(a: argparse.Namespace) -> None:
     phases = ([["data"], ["vae"], ["evaluator"], ["captions"], ["unet-vp"], ["unet-flow"]] if a.lanes == 1 else
               [["data"], ["vae"], ["evaluator", "captions"], ["unet-vp", "unet-flow"]])
     labels = [name + (f"-{extra['kind']}" if "kind" in extra else "") for name, extra, _ in stages]
+    phase_of = {label: phase for phase in phases for label in phase}
 
     def argv_of(i: int, scale: float, laned: bool) -> list[str] | None:
         name, extra, budget = stages[i]
@@ -661,6 +675,10 @@ def cmd_all(a: argparse.Namespace) -> None:
             argv += ["--max-seconds", f"{budget * scale:.0f}"]
             if laned:
                 argv.append("--no-progress")  # two progress bars would garble one terminal: see the logs
+        if name == "captions" and laned and "evaluator" in phase_of[labels[i]]:
+            # the caption encoding outlasts the evaluator beside it: it then takes the freed threads too
+            argv += ["--grow-threads-file", str(Path(a.run) / "logs" / "evaluator.done"),
+                     "--grow-threads", str(torch.get_num_threads())]
         if name == "data" and a.resume and (Path(a.run) / "data" / "images.npy").is_file():
             return None
         if name == "captions" and a.resume and (Path(a.run) / "captions.pt").is_file():
@@ -786,6 +804,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", default="runs/shapes")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--text-encoder", default=None)
+    s.add_argument("--grow-threads-file", default=None,
+                   help="once this file exists, go on with --grow-threads torch threads (all's lanes pass the "
+                        "evaluator's <run>/logs/evaluator.done: its thread is free then)")
+    s.add_argument("--grow-threads", type=int, default=2)
     s.set_defaults(func=cmd_captions)
 
     s = sub.add_parser("batch-times", help="time a denoiser step at a few batch sizes; prints the one to use")

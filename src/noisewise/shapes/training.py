@@ -385,8 +385,10 @@ def denoiser_loss(
     raise ValueError(f"unknown kind {kind!r}; known: 'vp', 'flow'")
 
 
-def encode_captions(text_encoder: Any, captions: list[list[str]], batch_size: int = 2048) -> tuple[Tensor, Tensor]:
-    """States of every distinct caption (float16) and, per image and caption slot, its row."""
+def encode_captions(text_encoder: Any, captions: list[list[str]], batch_size: int = 2048,
+                    before_batch: Any = None) -> tuple[Tensor, Tensor]:
+    """States of every distinct caption (float16) and, per image and caption slot, its row.
+    ``before_batch()``, when given, is called before each batch of ``batch_size`` texts."""
     unique: dict[str, int] = {}
     index = np.empty((len(captions), len(captions[0])), dtype=np.int64)
     for i, caps in enumerate(captions):
@@ -395,6 +397,8 @@ def encode_captions(text_encoder: Any, captions: list[list[str]], batch_size: in
     texts = list(unique)
     states = []
     for i in range(0, len(texts), batch_size):
+        if before_batch is not None:
+            before_batch()
         states.append(text_encoder.encode_uncached(texts[i : i + batch_size], warn=False).half())
     return torch.cat(states), torch.from_numpy(index)
 
