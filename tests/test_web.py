@@ -47,6 +47,7 @@ def page(url):
 def test_generate_from_the_page_with_streamed_previews(page):
     page.fill("#prompt", "a large red circle on the left")
     page.fill("#negative_prompt", "blurry")
+    page.fill("#negative_scale", "0.5")
     page.select_option("#sampler", "unipc")
     page.fill("#steps", "4")
     page.fill("#guidance_scale", "6")
@@ -56,7 +57,7 @@ def test_generate_from_the_page_with_streamed_previews(page):
     meta = json.loads(page.text_content("#params"))
     assert meta["prompt"] == "a large red circle on the left" and meta["negative_prompt"] == "blurry"
     assert meta["sampler"] == "unipc" and meta["steps"] == 4 and meta["seed"] == 42
-    assert meta["guidance_scale"] == 6.0 and meta["model"] == "shapes-vp"
+    assert meta["guidance_scale"] == 6.0 and meta["model"] == "shapes-vp" and meta["negative_scale"] == 0.5
     assert page.get_attribute("#result", "src").startswith("data:image/png;base64,")
     assert page.get_attribute("#preview", "src").startswith("data:image/png;base64,")
     assert page.get_attribute("#preview", "data-steps") == "4"  # the last streamed preview was step 4
@@ -104,6 +105,7 @@ def test_image_to_image_from_an_uploaded_picture(page, app):
     data = _scene_png()
     page.fill("#prompt", "a green square")
     page.fill("#negative_prompt", "")
+    page.fill("#negative_scale", "")  # blank: the model's default, as in the direct call below
     page.select_option("#sampler", "dpmpp_2m")
     page.fill("#steps", "6")
     page.fill("#guidance_scale", "2")

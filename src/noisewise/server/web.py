@@ -25,6 +25,9 @@ INDEX_HTML = r"""<!doctype html>
 <form id="form">
   <label for="prompt">Prompt</label><input type="text" id="prompt" value="a large red circle on the left">
   <label for="negative_prompt">Negative prompt</label><input type="text" id="negative_prompt" placeholder="model default">
+  <label for="negative_scale">Negative scale</label>
+  <span><input type="number" id="negative_scale" min="0" max="50" step="0.25" placeholder="model default">
+    <span class="hint">its own weight; blank: the model's default</span></span>
   <label for="model">Model</label><select id="model"></select>
   <label for="sampler">Sampler</label><select id="sampler"></select>
   <label for="steps">Steps</label><input type="number" id="steps" min="1" value="20">
@@ -83,7 +86,9 @@ async function fill() {
 }
 function request() {
   const neg = $('negative_prompt').value;
-  return { prompt: $('prompt').value, negative_prompt: neg === '' ? null : neg, model: $('model').value,
+  const negScale = $('negative_scale').value;
+  return { prompt: $('prompt').value, negative_prompt: neg === '' ? null : neg,
+           negative_scale: negScale === '' ? null : parseFloat(negScale), model: $('model').value,
            sampler: $('sampler').value, steps: parseInt($('steps').value), seed: parseInt($('seed').value),
            guidance_scale: parseFloat($('guidance_scale').value),
            ...(initImage === null ? {} : { image: initImage, strength: parseFloat($('strength').value) }) };
