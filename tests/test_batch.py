@@ -174,3 +174,23 @@ def test_negative_scale_field(tmp_path):
     p.write_text(json.dumps({"prompt": "a red circle", "negative_scale": -2}) + "\n")
     with pytest.raises(ValueError, match=r"neg.jsonl:1: negative_scale must be a finite number >= 0"):
         jobs.read_items(p)
+    # the job default fills items without one; a line's own value wins
+    p.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "negative_scale": 1.5}) + "\n")
+    assert [i["negative_scale"] for i in jobs.read_items(p, jobs.JobDefaults(negative_scale=0.25))] == [0.25, 1.5]
+    with pytest.raises(ValueError, match="neg.jsonl:1: negative_scale must be"):
+        jobs.read_items(p, jobs.JobDefaults(negative_scale=float("nan")))
+
+
+def test_cli_batch_negative_scale_default(tmp_path):
+    from tests.test_cli_generate import run_cli
+
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "a red circle", "steps": 2, "id": "a"}) + "\n"
+                 + json.dumps({"prompt": "a blue square", "steps": 2, "id": "b", "negative_scale": 1.5}) + "\n")
+    r = run_cli("batch", str(p), "--out", str(tmp_path / "out"), "--negative-scale", "0.5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = [json.loads((tmp_path / "out" / f"{i}.json").read_text())["metadata"][0]["negative_scale"] for i in "ab"]
+    assert got == [0.5, 1.5]
+    bad = run_cli("batch", str(p), "--out", str(tmp_path / "bad"), "--negative-scale", "-1")
+    assert bad.returncode != 0 and "negative_scale must be a finite number >= 0" in bad.stderr
+    assert "Traceback" not in bad.stderr

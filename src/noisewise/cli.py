@@ -288,5 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m noisewise.cli: run the package's module, so that the UserError
+    from noisewise.cli import main as _main  # raised by its subcommands (serve, batch) is the one caught
+
+    sys.exit(_main())

@@ -35,7 +35,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
     from ..serving.jobs import JobDefaults, read_items, run_batch
 
     d = JobDefaults(model=a.model, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale,
-                    negative_prompt=a.negative_prompt, compose=a.compose, base_seed=a.seed)
+                    negative_prompt=a.negative_prompt, negative_scale=a.negative_scale, compose=a.compose,
+                    base_seed=a.seed)
     try:
         items = read_items(a.prompts, d)
     except (OSError, ValueError) as e:
@@ -97,6 +98,9 @@ def add_cli(sub: Any) -> None:
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--guidance-scale", type=float, default=None)
     b.add_argument("--negative-prompt", default=None)
+    b.add_argument("--negative-scale", type=float, default=None,
+                   help="the negative prompt's own weight for items without one (docs/guidance.md); default: the "
+                        "model's")
     b.add_argument("--compose", choices=COMPOSE_MODES, default=None,
                    help="prompt composition for items without one (docs/composition.md); default: the model's")
     b.add_argument("--seed", type=int, default=0, help="items without a seed use seed + line index")

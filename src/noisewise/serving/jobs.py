@@ -46,6 +46,7 @@ class JobDefaults:
     steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    negative_scale: float | None = None
     compose: str | None = None
     num_images: int = 1
     base_seed: int = 0
@@ -77,7 +78,7 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
                 "id": str(raw.get("id", f"{index:06d}")),
                 "prompt": str(raw.get("prompt", "")),
                 "negative_prompt": raw.get("negative_prompt", d.negative_prompt),
-                "negative_scale": raw.get("negative_scale"),
+                "negative_scale": raw.get("negative_scale", d.negative_scale),
                 "model": raw.get("model", d.model),
                 "sampler": raw.get("sampler", d.sampler),
                 "steps": raw.get("steps", d.steps),
