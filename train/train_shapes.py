@@ -33,7 +33,7 @@ scratch on a 2-core CPU in 2 hours (the small architectures; docs/benchmarks/mod
 thread each (``--lanes 2``; each such stage logs to ``<run>/logs/<stage>.log``); the caption
 encoding takes the evaluator's thread too once the evaluator is done. ``defaults``
 then chooses each denoiser's default guidance scale, negative prompt and negative scale with the
-run's own evaluator (on prompts drawn apart from the benchmark's; ~13 minutes on the 2-core CPU) and
+run's own evaluator (on prompts drawn apart from the benchmark's; ~12 minutes on the 2-core CPU) and
 writes them into the exported folders.
 
 Every stage is seeded; a run with ``--steps N`` and no ``--max-seconds`` repeats exactly (the log
@@ -479,9 +479,8 @@ def cmd_defaults(a: argparse.Namespace) -> None:
     on ``--n-prompts`` prompts drawn apart from the benchmark's: the guidance scale with no negative
     prompt (:func:`choose_guidance`: the best mean of the accuracies and the clean share), then at
     that scale the negative prompt and negative scale (:func:`choose_negative`: the most accurate
-    one that cuts the defect rate to a third). Keeps the
-    default sampler and steps; writes ``<run>/export/defaults.json``, which ``export`` writes into
-    the model folders."""
+    one that cuts the defect rate to a third). Keeps the default sampler and steps; writes
+    ``<run>/export/defaults.json``, which ``export`` writes into the model folders."""
     t0 = time.time()
     run = Path(a.run)
     flat = run / "export"
