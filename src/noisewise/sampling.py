@@ -256,17 +256,13 @@ def sample(
         if guidance is not None:
             raise ValueError("composition= combines plain CFG terms; it cannot be used with guidance= options")
         from .guidance.compose import ComposedDenoiser
-        from .guidance.guided import _is_empty, check_negative_scale
+        from .guidance.guided import split_negative
 
-        separate = bool(check_negative_scale(negative_scale)) and negative is not None and not _is_empty(negative)
-        if separate and uncond is None:
-            raise ValueError("negative_scale= weighs the negative conditioning against the unconditional one: "
-                             "pass uncond= too (e.g. the empty prompt's embedding)")
+        replacing, weighted, s = split_negative(uncond, negative, negative_scale)
         denoiser = ComposedDenoiser(
-            denoiser, cond=cond, guide=uncond if separate or negative is None else negative,
+            denoiser, cond=cond, guide=uncond if replacing is None else replacing,
             guidance_scale=1.0 if guidance_scale is None else guidance_scale, composition=composition,
-            max_batch=max_batch, batch=noise.shape[0], negative=negative if separate else None,
-            negative_scale=negative_scale,
+            max_batch=max_batch, batch=noise.shape[0], negative=weighted, negative_scale=s,
         )
     elif any(v is not None for v in (cond, uncond, negative, guidance_scale, guidance)):
         denoiser = GuidedDenoiser(

@@ -294,23 +294,15 @@ class GuidedDenoiser(_ChunkedForward):
 
         if negative is not None and not isinstance(negative, Tensor) and not _leaves(negative):
             raise TypeError(f"negative must be a tensor like cond (or None), got {type(negative).__name__}")
-        if _is_empty(negative):
-            negative = None
-        self.negative_scale = check_negative_scale(negative_scale)
+        negative, weighted, self.negative_scale = split_negative(uncond, negative, negative_scale)
         self.neg_cond = None
-        if self.negative_scale == 0.0:
-            negative = None  # a zero negative term: plain CFG against uncond, no extra rows
-        if self.negative_scale and negative is not None:
-            if uncond is None:
-                raise ValueError("negative_scale= weighs the negative conditioning against the unconditional one: "
-                                 "pass uncond= too (e.g. the empty prompt's embedding)")
+        if weighted is not None:  # uncond stays the guiding branch; the negative gets its own rows
             if isinstance(self.combiner, CFGPlusPlus) or self.auto is not None:
                 raise ValueError(f"negative_scale= adds a plain negative term and cannot be used with "
                                  f"{'autoguidance' if self.auto is not None else 'CFG++'}: leave it out (the "
                                  "negative prompt then replaces the unconditional branch)")
-            self.neg_cond = _check_cond(negative, "negative", batch)
+            self.neg_cond = _check_cond(weighted, "negative", batch)
             _same_layout(self.cond, self.neg_cond, "cond", "negative")
-            negative = None  # uncond stays the guiding branch; the negative gets its own rows
         guide_cond = negative if negative is not None else uncond
         self.guide_cond = None
         if guide_cond is not None:
@@ -514,6 +506,22 @@ def check_negative_scale(s: Any) -> float | None:
         raise ValueError(f"negative_scale must be a finite number >= 0 (or None: the negative prompt replaces the "
                          f"unconditional branch), got {s!r}")
     return float(s)
+
+
+def split_negative(uncond: Any, negative: Any, negative_scale: Any) -> tuple[Any, Any, float | None]:
+    """``(replacing, weighted, s)``: the negative conditioning that replaces ``uncond`` as the guiding
+    branch (None: ``uncond`` guides), the one weighted by its own ``negative_scale`` ``s`` (None: no
+    such term), and ``s`` checked. An empty negative is none; ``s = 0`` drops the negative (plain CFG
+    against ``uncond``, no extra rows); a weighted negative needs ``uncond``."""
+    s = check_negative_scale(negative_scale)
+    if (negative is not None and _is_empty(negative)) or s == 0.0:
+        negative = None
+    if not s or negative is None:
+        return negative, None, s
+    if uncond is None:
+        raise ValueError("negative_scale= weighs the negative conditioning against the unconditional one: "
+                         "pass uncond= too (e.g. the empty prompt's embedding)")
+    return None, negative, s
 
 
 def describe(options: Sequence[GuidanceOption]) -> str:
