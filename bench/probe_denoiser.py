@@ -49,12 +49,9 @@ def main(argv: list[str] | None = None) -> None:
                       prompt_seed=TS.DEFAULTS_PROMPT_SEED, evaluator=a.evaluator)
     pipe = probe.pipeline(run / "weights" / f"shapes-{a.kind}")
     t0 = time.time()
-    mean: dict[str, float] = {}
-    for seed in a.seeds:
-        for k, v in probe.raw_accuracy(pipe, seed=seed, guidance_scale=a.guidance, negative_prompt=a.negative_prompt,
-                                       negative_scale=a.negative_scale).items():
-            if not k.startswith(("n_", "rate_")):
-                mean[k] = mean.get(k, 0.0) + v / len(a.seeds)
+    mean = {k: v for k, v in probe.seed_mean(pipe, a.seeds, guidance_scale=a.guidance,
+                                             negative_prompt=a.negative_prompt,
+                                             negative_scale=a.negative_scale).items() if not k.startswith("rate_")}
     row = {"run": str(run), "kind": a.kind, "steps": meta["steps"], "batch_size": meta["batch_size"],
            "lr": meta["lr"], "guidance": a.guidance,
            "negative_prompt": pipe.defaults["negative_prompt"] if a.negative_prompt is None else a.negative_prompt,

@@ -396,12 +396,17 @@ class _Probe:
 
         return attribute_accuracy(self.requests, self.evaluator.predict(pipe(self.prompts, **kw).images))
 
+    def seed_mean(self, pipe: Any, seeds: Sequence[int], **kw: Any) -> dict[str, float]:
+        """The mean of :meth:`raw_accuracy` over one run per seed, unrounded, without the counts
+        (the prompts' attribute counts are the same in each)."""
+        runs = [self.raw_accuracy(pipe, seed=s, **kw) for s in seeds]
+        return {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if not k.startswith("n_")}
+
     def accuracy(self, pipe: Any, seeds: Sequence[int] | None = None, **kw: Any) -> dict[str, float]:
         """The evaluator's accuracies (rounded; no counts) on ``pipe(prompts, **kw)``; with ``seeds``,
-        their mean over one run per seed (the prompts' attribute counts are the same in each)."""
-        runs = [self.raw_accuracy(pipe, **kw)] if seeds is None else [self.raw_accuracy(pipe, seed=s, **kw)
-                                                                       for s in seeds]
-        return {k: round(float(np.mean([r[k] for r in runs])), 4) for k in runs[0] if not k.startswith("n_")}
+        their :meth:`seed_mean`."""
+        acc = self.raw_accuracy(pipe, **kw) if seeds is None else self.seed_mean(pipe, seeds, **kw)
+        return {k: round(v, 4) for k, v in acc.items() if not k.startswith("n_")}
 
 
 def cmd_samples(a: argparse.Namespace) -> None:
