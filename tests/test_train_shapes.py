@@ -91,6 +91,20 @@ def test_denoiser_losses_match_their_definitions():
         zero = T.denoiser_loss(kind, lambda x, t, c: Out(torch.zeros_like(x)), z0, cond,
                                torch.Generator().manual_seed(0), acp)
         assert 0.1 < float(zero) < (3.0 if kind == "flow" else 1.01)
+    # the flow model's training time is logit-normal: location flow_t_loc, scale 1
+    seen_t = []
+
+    def record(xt, t, c):
+        seen_t.append(t / 1000)
+        return Out(torch.zeros_like(xt))
+
+    big = torch.zeros(4000, *z0.shape[1:])
+    for loc in (0.0, 0.5):
+        seen_t.clear()
+        T.denoiser_loss("flow", record, big, torch.zeros(4000, *cond.shape[1:]), torch.Generator().manual_seed(1),
+                        acp, flow_t_loc=loc)
+        z = torch.logit(seen_t[0].double())
+        assert abs(float(z.mean()) - loc) < 0.06 and abs(float(z.std()) - 1.0) < 0.04
 
 
 def test_evaluator_trains(data):
@@ -461,7 +475,8 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
         def run(a):
             label = name + (f"-{a.kind}" if name == "unet" else "")
             seen[label] = {k: getattr(a, k) for k in ("arch", "batch_size", "precision", "n", "max_seconds",
-                                                      "no_progress", "clip_grad_norm", "lr") if hasattr(a, k)}
+                                                      "no_progress", "clip_grad_norm", "lr", "flow_t_loc")
+                           if hasattr(a, k)}
         return run
 
     for name in ("data", "vae", "evaluator", "captions", "unet"):
@@ -485,10 +500,10 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
     assert seen["data"]["n"] == r["n"] == 60_000
     assert seen["vae"] == {"arch": "small", "batch_size": 64, "precision": "bf16", "max_seconds": r["vae_seconds"],
                            "no_progress": False, "lr": 5e-4}  # alone: its progress bar stays
-    for kind in ("vp", "flow"):
+    for kind, loc in (("vp", 0.0), ("flow", r["flow_t_loc"])):  # vp ignores --flow-t-loc; only flow gets it
         assert seen[f"unet-{kind}"] == {"arch": "small", "batch_size": 64, "precision": "auto", "lr": r["unet_lr"],
-                                        "max_seconds": r["unet_seconds"], "no_progress": True}
-    assert r["unet_lr"] == 2e-3
+                                        "max_seconds": r["unet_seconds"], "no_progress": True, "flow_t_loc": loc}
+    assert r["unet_lr"] == 2e-3 and r["flow_t_loc"] == 0.5
     assert seen["evaluator"]["max_seconds"] == r["evaluator_seconds"]
     assert seen["evaluator"]["clip_grad_norm"] == r["evaluator_clip_grad_norm"] == 1.0
     # two lanes: the VAE alone, then the evaluator beside the captions, then the two denoisers side by
@@ -509,12 +524,16 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
              "--unet-batch-size", "256", "--unet-lr", "3e-4", "--n", "1000", "--lanes", "1"])
     assert seen["unet-vp"]["arch"] == seen["vae"]["arch"] == "shipped" and seen["unet-flow"]["batch_size"] == 256
     assert seen["unet-vp"]["lr"] == seen["unet-flow"]["lr"] == 3e-4
+    ts.main(["all", "--recipe", "cpu-2h", "--run", str(tmp_path), "--device", "cpu", "--flow-t-loc", "0",
+             "--n", "1000", "--lanes", "1"])
+    assert seen["unet-flow"]["flow_t_loc"] == 0.0
     assert seen["data"]["n"] == 1000 and seen["vae"]["batch_size"] == 64
     assert spawned == []  # one lane: every stage in this process, in turn
     ts.main(["all", "--run", str(tmp_path), "--device", "cpu"])  # the default recipe: the shipped architectures
     assert seen["vae"]["arch"] == "shipped" and seen["vae"]["batch_size"] == 256 and seen["data"]["n"] == 200_000
     assert seen["evaluator"]["clip_grad_norm"] == 0.0  # as the shipped evaluator was trained
     assert seen["unet-vp"]["lr"] == seen["unet-flow"]["lr"] == 5e-4 and seen["unet-vp"]["batch_size"] == 512
+    assert seen["unet-flow"]["flow_t_loc"] == 0.0  # as the shipped flow model was trained
     assert spawned == []
     with pytest.raises(SystemExit, match="--vae-seconds must be > 0"):
         ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--vae-seconds", "0"])

@@ -359,11 +359,12 @@ def vp_alphas_cumprod(cfg: dict[str, Any] | None = None) -> Tensor:
 
 def denoiser_loss(
     kind: Kind, unet: Any, z0: Tensor, cond: Tensor, gen: torch.Generator, acp: Tensor | None,
-    min_snr_gamma: float = 5.0,
+    min_snr_gamma: float = 5.0, flow_t_loc: float = 0.0,
 ) -> Tensor:
     """One training loss. ``vp``: epsilon prediction at a uniform integer step, min-SNR-5 weighted
     (Hang et al. 2023). ``flow``: rectified-flow velocity ``eps - x0`` at a logit-normal ``t``
-    (Esser et al. 2024), model time ``1000 t``."""
+    (Esser et al. 2024) of location ``flow_t_loc`` and scale 1 (a positive location trains more at
+    high noise), model time ``1000 t``."""
     b, dev = z0.shape[0], z0.device
     eps = torch.randn(z0.shape, device=dev, generator=gen)
     if kind == "vp":
@@ -377,7 +378,7 @@ def denoiser_loss(
         w = snr.clamp(max=min_snr_gamma) / snr
         return (w * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
     if kind == "flow":
-        t = torch.sigmoid(torch.randn(b, device=dev, generator=gen))
+        t = torch.sigmoid(flow_t_loc + torch.randn(b, device=dev, generator=gen))
         tt = t.view(b, 1, 1, 1)
         xt = (1 - tt) * z0 + tt * eps
         pred = unet(xt, 1000.0 * t, cond).sample.float()
@@ -459,13 +460,15 @@ def train_denoiser(
     init_state: dict[str, Tensor] | None = None,
     checkpoint_every_s: float = 60.0,
     warmup: int | None = None,
+    flow_t_loc: float = 0.0,
 ) -> tuple[Any, Plan]:
     """Train a ``UNet2DConditionModel`` on scaled VAE latents with text cross-attention; returns
     (EMA model, plan with history). Latents are sampled from the VAE posterior each step.
 
     ``init_state``: start the network (and its EMA) from these weights (:func:`load_unet_weights`,
     e.g. the shipped model's) instead of a random initialisation: fine-tuning. A ``resume`` from a
-    checkpoint takes precedence (the checkpoint holds the fine-tuned weights)."""
+    checkpoint takes precedence (the checkpoint holds the fine-tuned weights). ``flow_t_loc``: the
+    flow model's training-time distribution (:func:`denoiser_loss`)."""
     from diffusers import UNet2DConditionModel
 
     _check_precision(precision)
@@ -491,7 +494,8 @@ def train_denoiser(
         z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, device=dev, generator=gen))
         z0 = z0 * scaling_factor
         cond = states[cidx[idx, k]].float()
-        loss = _denoiser_update(kind, unet, ema, opt, z0, cond, gen, acp, dev, precision, step, ema_decay)
+        loss = _denoiser_update(kind, unet, ema, opt, z0, cond, gen, acp, dev, precision, step, ema_decay,
+                                flow_t_loc)
         sched.step()
         return loss
 
@@ -507,10 +511,11 @@ def train_denoiser(
 
 
 def _denoiser_update(kind: Kind, unet: Any, ema: torch.nn.Module, opt: Any, z0: Tensor, cond: Tensor, gen: Any,
-                     acp: Tensor | None, dev: torch.device, precision: str, step: int, ema_decay: float) -> Tensor:
+                     acp: Tensor | None, dev: torch.device, precision: str, step: int, ema_decay: float,
+                     flow_t_loc: float = 0.0) -> Tensor:
     """One training update of a denoiser (loss, backward, clipping, optimizer, EMA); returns the loss."""
     with _autocast(dev, precision):
-        loss = denoiser_loss(kind, unet, z0, cond, gen, acp)
+        loss = denoiser_loss(kind, unet, z0, cond, gen, acp, flow_t_loc=flow_t_loc)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
