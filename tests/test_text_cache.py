@@ -58,6 +58,26 @@ def test_embedding_cache_byte_budget_and_pins():
         EmbeddingCache(max_bytes=-1)
 
 
+def test_fetch_encodes_each_missing_key_once_and_pins():
+    """``fetch``: one encode call with each distinct missing key once; cached keys are served; a key
+    asked to be pinned is pinned whether it is new or was cached before."""
+    c = EmbeddingCache(max_bytes=10 * 400)
+    calls = []
+
+    def enc(keys):
+        calls.append(list(keys))
+        return [torch.full((10, 10), float(len(k))) for k in keys]
+
+    c.put("old", torch.zeros(10, 10))
+    out = c.fetch(["aa", "old", "aa", "b"], enc, pinned={"old", "b"})
+    assert calls == [["aa", "b"]]
+    assert [float(v[0, 0]) for v in out] == [2.0, 0.0, 2.0, 1.0]
+    assert c.info()["pinned"] == 2  # "b" stored pinned, "old" pinned now
+    assert c.fetch(["b", "aa"], enc) and len(calls) == 1  # all cached: no encode
+    with pytest.raises(ValueError, match="2 keys"):
+        c.fetch(["x", "y"], lambda keys: [torch.zeros(1)])
+
+
 def test_hits_misses_and_byte_eviction(shared_model):
     te = encoder(shared_model, cache_bytes=2 * ENTRY)
     s = te.encode(["a", "b", "a"])

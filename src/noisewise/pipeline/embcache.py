@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +87,26 @@ class EmbeddingCache:
                     self.hits += 1
                 out.append(t)
         return out
+
+    def fetch(self, keys: Sequence[Hashable], encode: Callable[[list[Hashable]], Sequence[Value]],
+              pinned: Collection[Hashable] = ()) -> list[Value]:
+        """Each key's value: from the cache where it is there, else from one ``encode(missing)`` call
+        (each distinct missing key once, in order) whose results are stored. Keys in ``pinned`` are
+        stored pinned, and pinned now if they were cached before they were asked to be."""
+        found = self.lookup(list(keys))
+        for k, v in zip(keys, found):
+            if v is not None and k in pinned:
+                self.pin(k)
+        missing = list(dict.fromkeys(k for k, v in zip(keys, found) if v is None))
+        fresh: dict[Hashable, Value] = {}
+        if missing:
+            values = encode(missing)
+            if len(values) != len(missing):
+                raise ValueError(f"encode returned {len(values)} values for {len(missing)} keys")
+            for k, v in zip(missing, values):
+                fresh[k] = v
+                self.put(k, v, pin=k in pinned)
+        return [v if v is not None else fresh[k] for k, v in zip(keys, found)]
 
     def put(self, key: Hashable, value: Value, *, pin: bool = False) -> None:
         """Store a private copy of ``value``; ``pin=True`` keeps it until :meth:`unpin`/:meth:`clear`."""

@@ -152,17 +152,11 @@ class SD3TextEncoder:
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [str(p) for p in prompts]
-        found = self._cache.lookup(prompts)
-        for p in self.pinned_prompts.intersection(p for p, r in zip(prompts, found) if r is not None):
-            self._cache.pin(p)  # cached before it was pinned
-        missing = list(dict.fromkeys(p for p, r in zip(prompts, found) if r is None))
-        fresh: dict[str, dict[str, Tensor]] = {}
-        if missing:
+        def encode(missing: list[Any]) -> list[dict[str, Tensor]]:
             states = self.encode_uncached(missing)
-            for i, p in enumerate(missing):
-                fresh[p] = {k: v[i] for k, v in states.items()}
-                self._cache.put(p, fresh[p], pin=p in self.pinned_prompts)
-        rows = [r if r is not None else fresh[p] for p, r in zip(prompts, found)]
+            return [{k: v[i] for k, v in states.items()} for i in range(len(missing))]
+
+        rows = self._cache.fetch(prompts, encode, pinned=self.pinned_prompts)
         return {k: torch.stack([r[k] for r in rows]).clone() for k in rows[0]}  # type: ignore[index]
 
     def __call__(self, prompts: str | Sequence[str]) -> dict[str, Tensor]:

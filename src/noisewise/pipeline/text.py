@@ -212,17 +212,10 @@ class TextEncoder:
         if not self.cache.enabled:
             return self.encode_uncached(prompts)
         eid = self.encoder_id
-        found = self.cache.lookup([(eid, p) for p in prompts])
-        missing = list(dict.fromkeys(p for p, t in zip(prompts, found) if t is None))
-        for p in self.pinned_prompts.intersection(p for p, t in zip(prompts, found) if t is not None):
-            self.cache.pin((eid, p))  # cached before it was pinned (e.g. a shared cache)
-        fresh: dict[str, Tensor] = {}
-        if missing:
-            states = self.encode_uncached(missing)
-            for p, st in zip(missing, states):
-                fresh[p] = st
-                self.cache.put((eid, p), st, pin=p in self.pinned_prompts)
-        return torch.stack([t if t is not None else fresh[p] for p, t in zip(prompts, found)]).clone()
+        rows = self.cache.fetch([(eid, p) for p in prompts],
+                                lambda keys: list(self.encode_uncached([p for _, p in keys])),
+                                pinned={(eid, p) for p in self.pinned_prompts})
+        return torch.stack(rows).clone()  # type: ignore[arg-type]
 
     def warm(self, prompts: Sequence[str] | None = None) -> None:
         """Encode (and pin) ``prompts``, default :attr:`pinned_prompts`, so they are served from the cache."""
