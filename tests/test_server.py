@@ -84,6 +84,13 @@ def test_two_object_prompt_is_composed_by_default_like_the_pipeline(client, pipe
                                                                              compose="off").images[0])
     bad = client.post("/v1/generate", json={"prompt": prompt, "compose": "everything"})
     assert bad.status_code == 422 and "compose" in bad.text
+    # the HTTP schema offers exactly the modes a batch file accepts (one list: serving.jobs.ComposeMode)
+    from noisewise.serving.jobs import COMPOSE_MODES
+
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    compose = schema["GenerateRequest"]["properties"]["compose"]
+    assert {v for alt in compose["anyOf"] for v in alt.get("enum", [])} == set(COMPOSE_MODES) == {"off", "and",
+                                                                                                 "regions"}
 
 
 def test_concurrent_mixed_requests_are_batched_and_match_solo_runs(client, pipe):

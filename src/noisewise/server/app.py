@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
+from ..serving.jobs import ComposeMode
 from .service import (
     GenerationJob,
     GenerationService,
@@ -59,7 +60,7 @@ class GenerateRequest(BaseModel):
     sampler: str | None = Field(None, pattern=NAME_PATTERN, description="a sampler from GET /v1/samplers")
     steps: int | None = Field(None, ge=1, le=1000, description="sampler steps (server limit applies)")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="classifier-free guidance scale")
-    compose: Literal["off", "and", "regions"] | None = Field(
+    compose: ComposeMode | None = Field(
         None, description="prompt composition (docs/composition.md): 'regions' guides each object of a two-object "
                           "shapes prompt in its own region (the shapes models' default), 'and' composes the parts of "
                           "'A AND B', 'off' = plain classifier-free guidance; null = the model's default")

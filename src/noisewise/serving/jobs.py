@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ..guidance.guided import check_negative_scale
 
@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 
 ITEM_FIELDS = ("id", "prompt", "negative_prompt", "negative_scale", "model", "sampler", "steps", "guidance_scale",
                "compose", "seed", "num_images", "image", "strength")
-COMPOSE_MODES = ("off", "and", "regions")  # as over HTTP (docs/composition.md); None = the model's default
+# the composition modes a job (over HTTP, in a batch file) may ask for (docs/composition.md); None = the model's default
+ComposeMode = Literal["off", "and", "regions"]
+COMPOSE_MODES: tuple[str, ...] = get_args(ComposeMode)
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
