@@ -50,7 +50,8 @@ def _resume_step(data: dict, title: str) -> int:
     return h[-1]["step"]
 
 
-CPU2H_RUNS = {"run_d_session10": "cpu-2h, batch 64 at 2e-3 (run D, session 10)",
+CPU2H_RUNS = {"run_e_session12": "cpu-2h, flow at t-location 0.5 (run E, session 12)",
+              "run_d_session10": "cpu-2h, batch 64 at 2e-3 (run D, session 10)",
               "recipe_cpu_2h": "cpu-2h, batch 128 at 5e-4, two lanes (run C, session 8)",
               "second_attempt_one_stage_at_a_time": "cpu-2h, one stage at a time (session 7)"}
 
