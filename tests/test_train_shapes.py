@@ -541,7 +541,9 @@ def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path)
         ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--unet-lr", "0"])
     with pytest.raises(SystemExit, match="--evaluator-clip-grad-norm must be >= 0"):
         ts.main(["all", "--run", str(tmp_path), "--device", "cpu", "--evaluator-clip-grad-norm", "-1"])
-    monkeypatch.undo()  # the real evaluator stage: it refuses before loading anything
+    monkeypatch.undo()  # the real evaluator and unet stages: they refuse before loading anything
+    with pytest.raises(SystemExit, match="--flow-t-loc sets the flow denoiser's"):
+        ts.main(["unet", "--kind", "vp", "--run", str(tmp_path), "--device", "cpu", "--flow-t-loc", "0.5"])
     with pytest.raises(SystemExit, match="--clip-grad-norm must be >= 0"):
         ts.main(["evaluator", "--run", str(tmp_path), "--device", "cpu", "--clip-grad-norm", "-1"])
 

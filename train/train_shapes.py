@@ -244,6 +244,9 @@ def cmd_batch_times(a: argparse.Namespace) -> None:
 
 
 def cmd_unet(a: argparse.Namespace) -> None:
+    if a.kind != "flow" and a.flow_t_loc != 0.0:
+        raise SystemExit(f"--flow-t-loc sets the flow denoiser's training time; --kind {a.kind} draws its own "
+                         "(a uniform step): leave it out or use --kind flow")
     run = Path(a.run)
     data = _data(a, mmap=True)  # the captions only (the latents come from latents.pt)
     lat = torch.load(run / "latents.pt")
