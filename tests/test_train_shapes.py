@@ -463,6 +463,18 @@ def test_choose_negative_takes_the_most_accurate_setting_that_cuts_defects_to_a_
     assert ts.choose_negative(scores, 0.03, cut=100.0) == (("b", 0.5), True)
 
 
+def test_defaults_negative_scales_parse_and_refuse_bad_values(capsys):
+    """``defaults --negative-scales``: 'replace' or a number checked as the library checks it."""
+    ts = _train_script()
+    parse = ts.build_parser().parse_args
+    assert parse(["defaults", "--negative-scales", "replace", "0", "1.5"]).negative_scales == [ts.REPLACE, 0.0, 1.5]
+    for bad, says in (("-1", "negative_scale must be a finite number >= 0"), ("nan", "finite number"),
+                      ("inf", "finite number"), ("lots", "'replace' or a number >= 0")):
+        with pytest.raises(SystemExit):
+            parse(["defaults", "--negative-scales", bad])
+        assert says in capsys.readouterr().err
+
+
 def test_all_recipe_sets_every_stage_and_options_override(monkeypatch, tmp_path):
     """``all --recipe cpu-2h`` passes the small architecture, its batch sizes and the bf16 VAE to the
     stages, renders its 60,000 images, records what it ran; an option on the command line wins."""

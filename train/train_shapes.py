@@ -732,15 +732,18 @@ def cmd_all(a: argparse.Namespace) -> None:
 
 
 def _negative_scale_arg(v: str) -> str | float:
+    from noisewise.guidance.guided import check_negative_scale
+
     if v == REPLACE:
         return v
     try:
         f = float(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{REPLACE}' or a number >= 0, got {v!r}") from None
-    if not f >= 0 or f == float("inf"):
-        raise argparse.ArgumentTypeError(f"a negative scale must be a finite number >= 0, got {v!r}")
-    return f
+    try:
+        return check_negative_scale(f) or 0.0  # the library's own check: a finite number >= 0
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
