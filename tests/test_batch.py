@@ -80,6 +80,39 @@ def test_bad_lines_are_reported_with_their_line_number(tmp_path):
         jobs.read_items(p)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", "abc", "steps must be a whole number from 1 to 1000, got 'abc'"),
+    ("steps", 0, "steps must be from 1 to 1000, got 0"),
+    ("steps", 2.5, "steps must be a whole number"),
+    ("guidance_scale", 1e9, "guidance_scale must be from 0 to 50, got 1e[+]09"),
+    ("guidance_scale", "7", "guidance_scale must be a number from 0 to 50"),
+    ("negative_scale", 51, "negative_scale must be from 0 to 50, got 51"),
+    ("num_images", 100000, "num_images must be from 1 to 64, got 100000"),
+    ("num_images", True, "num_images must be a whole number"),
+    ("seed", -1, "seed must be from 0 to"),
+    ("seed", None, "seed must be a whole number"),
+    ("prompt", None, "prompt must be a string, got None"),
+    ("sampler", 3, "sampler must be a string or null"),
+    ("model", ["shapes-vp"], "model must be a string"),
+])
+def test_every_field_is_checked_when_the_file_is_read(tmp_path, field, value, message):
+    """A bad value stops the job before any work, naming its line, with the ranges generate and HTTP use."""
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "x", field: value}) + "\n")
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: {message}"):
+        jobs.read_items(p)
+
+
+def test_good_values_pass_through_as_numbers(tmp_path):
+    p = tmp_path / "ok.jsonl"
+    p.write_text(json.dumps({"prompt": "x", "steps": 4.0, "guidance_scale": 3, "num_images": 2, "seed": 9, "id": 5})
+                 + "\n" + json.dumps({"prompt": "y"}) + "\n")
+    a, b = jobs.read_items(p, jobs.JobDefaults(steps=7, base_seed=100))
+    assert (a["id"], a["steps"], a["guidance_scale"], a["num_images"], a["seed"]) == ("5", 4, 3.0, 2, 9)
+    assert type(a["steps"]) is int and type(a["guidance_scale"]) is float
+    assert (b["id"], b["steps"], b["guidance_scale"], b["num_images"], b["seed"]) == ("000001", 7, None, 1, 101)
+
+
 def test_ray_engine_matches_the_local_engine(local_run, prompts, tmp_path):
     ray = pytest.importorskip("ray", reason="pip install 'noisewise[ray]'")
     out_local, _ = local_run
@@ -172,7 +205,7 @@ def test_negative_scale_field(tmp_path):
     direct = Pipeline.from_pretrained("shapes-vp")("a red circle", steps=2, seed=3, negative_scale=0.5)
     assert np.array_equal(_images(out, rec)[0], direct.images[0]) and rec["metadata"][0]["negative_scale"] == 0.5
     p.write_text(json.dumps({"prompt": "a red circle", "negative_scale": -2}) + "\n")
-    with pytest.raises(ValueError, match=r"neg.jsonl:1: negative_scale must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"neg.jsonl:1: negative_scale must be from 0 to 50, got -2"):
         jobs.read_items(p)
     # the job default fills items without one; a line's own value wins
     p.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "negative_scale": 1.5}) + "\n")
@@ -192,5 +225,5 @@ def test_cli_batch_negative_scale_default(tmp_path):
     got = [json.loads((tmp_path / "out" / f"{i}.json").read_text())["metadata"][0]["negative_scale"] for i in "ab"]
     assert got == [0.5, 1.5]
     bad = run_cli("batch", str(p), "--out", str(tmp_path / "bad"), "--negative-scale", "-1")
-    assert bad.returncode != 0 and "negative_scale must be a finite number >= 0" in bad.stderr
+    assert bad.returncode != 0 and "--negative-scale must be from 0 to 50, got -1" in bad.stderr
     assert "Traceback" not in bad.stderr

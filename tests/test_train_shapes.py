@@ -431,6 +431,13 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
         want = neg["baseline"][k]
         assert two[k] == pytest.approx(want, abs=6e-4) or (want != want and two[k] != two[k]), k
 
+    # each denoiser's training record: the flow one says its time location; vp, which has none, does not
+    assert json.loads((tmp_path / "export" / "unet-flow.json").read_text())["flow_t_loc"] == 0.0
+    ts.main(["unet", "--run", run, "--device", "cpu", "--kind", "vp", "--arch", "small", "--steps", "1",
+             "--batch-size", "4", "--no-progress"])
+    vp_record = json.loads((tmp_path / "export" / "unet-vp.json").read_text())
+    assert vp_record["steps"] == 1 and "flow_t_loc" not in vp_record
+
 
 def test_choose_guidance_takes_the_best_mean_of_accuracies_and_clean_share_and_the_lowest_scale_among_equals():
     ts = _train_script()

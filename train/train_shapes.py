@@ -270,7 +270,8 @@ def cmd_unet(a: argparse.Namespace) -> None:
     _save_fp16(ema.state_dict(), target)
     _write_json(run / "export" / f"unet-{a.kind}.json", {
         "steps": plan.total, "batch_size": a.batch_size, "lr": a.lr, "precision": a.precision,
-        "init_from": a.init_from, "warmup": a.warmup, "arch": a.arch, "flow_t_loc": a.flow_t_loc, "config": config,
+        "init_from": a.init_from, "warmup": a.warmup, "arch": a.arch, "config": config,
+        **({"flow_t_loc": a.flow_t_loc} if a.kind == "flow" else {}),  # vp draws a uniform step instead
         "history": plan.history,
     })
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import limits
 from .pipeline.presets import PRESETS
 
 DEFAULT_MODEL = "shapes-vp"
@@ -222,20 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None,
                    help='what to steer away from (default: the model\'s: "blurry, watermark" for the shipped '
                         'shapes models, none for other checkpoints; "" for none)')
-    g.add_argument("--negative-scale", type=_float_range(0.0, 50.0, "--negative-scale"), default=None,
+    g.add_argument("--negative-scale", type=_float_range(*limits.NEGATIVE_SCALE, "--negative-scale"), default=None,
                    help="the negative prompt's own weight s: D(u) + w (D(c) - D(u)) - s (D(neg) - D(u)), one more "
                         "network row per image (default: the model's; for a model without one the negative prompt "
                         "replaces the unconditional branch, which is s = guidance scale - 1)")
     g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
     g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
-    g.add_argument("--steps", type=_int_range(1, 1000, "--steps"), default=None, help="default: the model's (10)")
+    g.add_argument("--steps", type=_int_range(*limits.STEPS, "--steps"), default=None, help="default: the model's (10)")
     g.add_argument("--spacing", default=None,
                    help="where the steps sit: leading, trailing, linspace, karras, exponential, uniform_lambda, "
                         "time_quadratic, beta, or tuned (a schedule stored by `noisewise tune-schedule` for this "
                         "model, sampler, NFE and guidance scale); default: the sampler's recommendation")
-    g.add_argument("--guidance-scale", type=_float_range(0.0, 50.0, "--guidance-scale"), default=None,
+    g.add_argument("--guidance-scale", type=_float_range(*limits.GUIDANCE_SCALE, "--guidance-scale"), default=None,
                    help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--seed", type=_int_range(0, 2**62, "--seed"), default=0, help="image i uses seed + i")
+    g.add_argument("--seed", type=_int_range(*limits.SEED, "--seed"), default=0, help="image i uses seed + i")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="latency/quality preset (sampler, steps, precision; the model's guidance scale); explicit "
                         "options win")
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regions: at noise levels sigma/alpha at or below this, each object's phrase also names the "
                         "other object by its position, so it does not erase what is drawn (0 = off; default: the "
                         "model's, else 0.6)")
-    g.add_argument("--num-images", type=_int_range(1, 64, "--num-images"), default=1)
+    g.add_argument("--num-images", type=_int_range(*limits.NUM_IMAGES, "--num-images"), default=1)
     g.add_argument("--out", default="out.png", help="the viewable PNG; native images go to <out>-<i>.png")
     g.add_argument("--scale", type=_int_range(1, 64, "--scale"), default=8, help="pixel-exact upscaling of the view")
     g.add_argument("--cols", type=_int_range(1, 64, "--cols"), default=4, help="grid columns for several images")

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
+from .. import limits
 from ..serving.jobs import ComposeMode
 from .service import (
     GenerationJob,
@@ -50,22 +51,26 @@ class GenerateRequest(BaseModel):
     negative_prompt: str | None = Field(None, max_length=2000,
                                         description="what to steer away from; null = the model's default")
     negative_scale: float | None = Field(
-        None, ge=0.0, le=50.0, description="the negative prompt's own weight s: D(u) + w (D(c) - D(u)) - s (D(neg) - "
-                                           "D(u)), one more network row per image; null = the model's default (for "
-                                           "a model without one, the negative prompt replaces the unconditional "
-                                           "branch, which is s = guidance_scale - 1)")
+        None, ge=limits.NEGATIVE_SCALE[0], le=limits.NEGATIVE_SCALE[1],
+        description="the negative prompt's own weight s: D(u) + w (D(c) - D(u)) - s (D(neg) - D(u)), one more "
+                    "network row per image; null = the model's default (for a model without one, the negative "
+                    "prompt replaces the unconditional branch, which is s = guidance_scale - 1)")
     model: str | None = Field(None, pattern=NAME_PATTERN,
                               description="a model name from GET /v1/models (names only, never paths)")
     preset: str | None = Field(None, pattern=NAME_PATTERN, description="a preset from GET /v1/presets")
     sampler: str | None = Field(None, pattern=NAME_PATTERN, description="a sampler from GET /v1/samplers")
-    steps: int | None = Field(None, ge=1, le=1000, description="sampler steps (server limit applies)")
-    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="classifier-free guidance scale")
+    steps: int | None = Field(None, ge=limits.STEPS[0], le=limits.STEPS[1],
+                              description="sampler steps (server limit applies)")
+    guidance_scale: float | None = Field(None, ge=limits.GUIDANCE_SCALE[0], le=limits.GUIDANCE_SCALE[1],
+                                         description="classifier-free guidance scale")
     compose: ComposeMode | None = Field(
         None, description="prompt composition (docs/composition.md): 'regions' guides each object of a two-object "
                           "shapes prompt in its own region (the shapes models' default), 'and' composes the parts of "
                           "'A AND B', 'off' = plain classifier-free guidance; null = the model's default")
-    seed: int | None = Field(None, ge=0, le=2**62, description="image i uses seed + i; null = random")
-    num_images: int = Field(1, ge=1, le=64, description="images for this prompt (server limit applies)")
+    seed: int | None = Field(None, ge=limits.SEED[0], le=limits.SEED[1],
+                             description="image i uses seed + i; null = random")
+    num_images: int = Field(1, ge=limits.NUM_IMAGES[0], le=limits.NUM_IMAGES[1],
+                            description="images for this prompt (server limit applies)")
     image: Annotated[InitImage | None, WithJsonSchema({"anyOf": [{"type": "string", "contentEncoding": "base64"},
                                                                 {"type": "null"}]})] = Field(
         None, description="image-to-image: the init image, a PNG or JPEG file base64-encoded (a "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .. import limits
+from ..cli import _float_range, _int_range  # the same range checks as noisewise generate
 from ..serving.jobs import COMPOSE_MODES
 
 
@@ -95,14 +97,15 @@ def add_cli(sub: Any) -> None:
     b.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker")
     b.add_argument("--model", default="shapes-vp")
     b.add_argument("--sampler", default=None)
-    b.add_argument("--steps", type=int, default=None)
-    b.add_argument("--guidance-scale", type=float, default=None)
+    b.add_argument("--steps", type=_int_range(*limits.STEPS, "--steps"), default=None)
+    b.add_argument("--guidance-scale", type=_float_range(*limits.GUIDANCE_SCALE, "--guidance-scale"), default=None)
     b.add_argument("--negative-prompt", default=None)
-    b.add_argument("--negative-scale", type=float, default=None,
+    b.add_argument("--negative-scale", type=_float_range(*limits.NEGATIVE_SCALE, "--negative-scale"), default=None,
                    help="the negative prompt's own weight for items without one (docs/guidance.md); default: the "
                         "model's")
     b.add_argument("--compose", choices=COMPOSE_MODES, default=None,
                    help="prompt composition for items without one (docs/composition.md); default: the model's")
-    b.add_argument("--seed", type=int, default=0, help="items without a seed use seed + line index")
+    b.add_argument("--seed", type=_int_range(*limits.SEED, "--seed"), default=0,
+                   help="items without a seed use seed + line index")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_batch)

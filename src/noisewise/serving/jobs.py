@@ -1,11 +1,14 @@
 """Batch jobs: ``noisewise batch prompts.jsonl --out DIR`` on a local engine or a Ray actor pool.
 
-Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "model"?, "sampler"?,
-"steps"?, "guidance_scale"?, "compose"?, "seed"?, "num_images"?, "id"?, "image"?, "strength"?}``; missing fields
-take the job's defaults, a missing seed is ``base_seed + line index`` (so a job is reproducible as a
-whole). ``image`` (a PNG/JPEG path, relative to the JSONL file's folder) and ``strength`` make the item
-image-to-image, as over HTTP: the driver reads and checks each picture once when the file is read
-(so Ray workers need no shared file system) and the metadata records the strength and its hashes.
+Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "negative_scale"?, "model"?,
+"sampler"?, "steps"?, "guidance_scale"?, "compose"?, "seed"?, "num_images"?, "id"?, "image"?, "strength"?}``;
+missing fields take the job's defaults, a missing seed is ``base_seed + line index`` (so a job is
+reproducible as a whole). Every line is checked when the file is read, numbers against the ranges
+``noisewise generate`` and the HTTP API accept (:mod:`noisewise.limits`), so a bad line stops the job
+before any work and names its line. ``image`` (a PNG/JPEG path, relative to the JSONL file's folder)
+and ``strength`` make the item image-to-image, as over HTTP: the driver reads and checks each picture
+once when the file is read (so Ray workers need no shared file system) and the metadata records the
+strength and its hashes.
 An item's images go to ``DIR/<id>.png`` (``<id>-<i>.png`` for several) and its parameters to
 ``DIR/<id>.json``, every file written to a temporary name and renamed, the JSON last: an item is
 finished exactly when its JSON exists, and a rerun after a crash skips finished items.
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from ..guidance.guided import check_negative_scale
+from .. import limits
 
 logger = logging.getLogger(__name__)
 
@@ -76,27 +79,8 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
             if unknown:
                 raise ValueError(f"{path}:{n}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(ITEM_FIELDS)}")
             index = len(items)
-            item = {
-                "id": str(raw.get("id", f"{index:06d}")),
-                "prompt": str(raw.get("prompt", "")),
-                "negative_prompt": raw.get("negative_prompt", d.negative_prompt),
-                "negative_scale": raw.get("negative_scale", d.negative_scale),
-                "model": raw.get("model", d.model),
-                "sampler": raw.get("sampler", d.sampler),
-                "steps": raw.get("steps", d.steps),
-                "guidance_scale": raw.get("guidance_scale", d.guidance_scale),
-                "compose": raw.get("compose", d.compose),
-                "seed": int(raw.get("seed", d.base_seed + index)),
-                "num_images": int(raw.get("num_images", d.num_images)),
-            }
-            if not _ID.match(item["id"]):
-                raise ValueError(f"{path}:{n}: id {item['id']!r} must be letters, digits, '.', '_' or '-' "
-                                 "(it names the output files)")
-            if item["compose"] is not None and item["compose"] not in COMPOSE_MODES:
-                raise ValueError(f"{path}:{n}: compose must be one of {', '.join(COMPOSE_MODES)} or null (the "
-                                 f"model's default), got {item['compose']!r}")
             try:
-                check_negative_scale(item["negative_scale"])
+                item = _checked_item(raw, d, index)
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: {e}") from None
             if item["id"] in seen:
@@ -105,6 +89,45 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
             _read_init_image(item, raw, Path(path).parent, pictures, f"{path}:{n}")
             items.append(item)
     return items
+
+
+def _checked_item(raw: dict[str, Any], d: JobDefaults, index: int) -> dict[str, Any]:
+    """One line's item: its fields, or the job's defaults, checked against the ranges the other
+    entry points accept (:mod:`noisewise.limits`), so a bad line fails when the file is read rather
+    than partway through the job."""
+    item = {
+        "id": raw.get("id", f"{index:06d}"),
+        "prompt": raw.get("prompt", ""),
+        "negative_prompt": raw.get("negative_prompt", d.negative_prompt),
+        "negative_scale": raw.get("negative_scale", d.negative_scale),
+        "model": raw.get("model", d.model),
+        "sampler": raw.get("sampler", d.sampler),
+        "steps": raw.get("steps", d.steps),
+        "guidance_scale": raw.get("guidance_scale", d.guidance_scale),
+        "compose": raw.get("compose", d.compose),
+        "seed": raw.get("seed", d.base_seed + index),
+        "num_images": raw.get("num_images", d.num_images),
+    }
+    if isinstance(item["id"], int) and not isinstance(item["id"], bool):
+        item["id"] = str(item["id"])
+    for key, optional in (("id", False), ("prompt", False), ("model", False), ("negative_prompt", True),
+                          ("sampler", True)):
+        if not isinstance(item[key], str) and not (optional and item[key] is None):
+            raise ValueError(f"{key} must be a string{' or null (the default)' if optional else ''}, "
+                             f"got {item[key]!r}")
+    if not _ID.match(item["id"]):
+        raise ValueError(f"id {item['id']!r} must be letters, digits, '.', '_' or '-' (it names the output files)")
+    if item["compose"] is not None and item["compose"] not in COMPOSE_MODES:
+        raise ValueError(f"compose must be one of {', '.join(COMPOSE_MODES)} or null (the model's default), "
+                         f"got {item['compose']!r}")
+    item["seed"] = limits.check_int(item["seed"], limits.SEED, "seed")
+    item["num_images"] = limits.check_int(item["num_images"], limits.NUM_IMAGES, "num_images")
+    if item["steps"] is not None:  # None: the model's default
+        item["steps"] = limits.check_int(item["steps"], limits.STEPS, "steps")
+    for key, bounds in (("guidance_scale", limits.GUIDANCE_SCALE), ("negative_scale", limits.NEGATIVE_SCALE)):
+        if item[key] is not None:
+            item[key] = limits.check_float(item[key], bounds, key)
+    return item
 
 
 def _read_init_image(item: dict[str, Any], raw: dict[str, Any], base: Path, pictures: dict[Path, Any],
