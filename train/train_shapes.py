@@ -569,8 +569,9 @@ def fit_budgets(budgets: list[float], total: float, elapsed: float, reserve: flo
 # rate of 2e-3 came from 1,500 s A/B runs (session 9): colour / shape 0.89 / 0.83 against 0.64 / 0.55 at
 # the earlier 128 and 5e-4, as good as that setting reached in 4,400 s. The evaluator clips its
 # gradient (run C's loss spiked at its peak learning rate). The flow denoiser trains at a logit-normal
-# time of location 0.5 rather than SD3's 0 (run E, session 12): on 8x8 latents of flat-coloured
-# shapes, colour survives to high noise, where location 0 puts only 12% of the steps (t > 0.76).
+# time of location 0.5 rather than SD3's 0, as in run E (session 12), the one full run with this recipe.
+# Session 13's A/B at the full budget (0 / 0.5 / 1.0) found no measurable effect on colour, and a cost
+# in shape and FD at 1.0 (docs/benchmarks/models_cpu2h.md).
 RECIPES: dict[str, dict[str, Any]] = {
     "shipped": {"arch": "shipped", "n": 200_000, "vae_seconds": 1800, "vae_batch_size": 256, "vae_precision": "auto",
                 "evaluator_seconds": 900, "evaluator_clip_grad_norm": 0.0, "unet_seconds": 2100,
