@@ -30,9 +30,10 @@ def _int_range(lo: int, hi: int, what: str) -> Any:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be an integer, got {s!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{what} must be from {lo} to {hi}, got {v}")
-        return v
+        try:
+            return limits.check_int(v, (lo, hi), what)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
 
@@ -43,9 +44,10 @@ def _float_range(lo: float, hi: float, what: str) -> Any:
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be a number, got {s!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{what} must be from {lo:g} to {hi:g}, got {v:g}")
-        return v
+        try:
+            return limits.check_float(v, (lo, hi), what)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
 
