@@ -382,7 +382,7 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     ts.main(["evaluator", "--run", run, "--device", "cpu", "--steps", "2", "--batch-size", "8", "--no-progress"])
     ts.main(["defaults", "--run", run, "--device", "cpu", "--n-prompts", "4", "--guidance", "1", "6",
              "--negative-prompts", "blurry", "--negative-scales", "replace", "0.5", "--negative-seeds", "1", "2",
-             "--dest", str(tmp_path / "models")])
+             "--confirm-seeds", "3", "--dest", str(tmp_path / "models")])
     chosen = json.loads((tmp_path / "export" / "defaults.json").read_text())
     probe = {float(w): acc for w, acc in chosen["probe"]["flow"].items()}
     assert sorted(probe) == [1.0, 6.0] and "vp" not in chosen["defaults"]  # only flow was trained
@@ -393,6 +393,19 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     assert set(cands) == {("blurry", 0.5), ("blurry", "replace")}
     (n, s), met = ts.choose_negative(cands, neg["baseline"]["defect_rate"])
     assert met == neg["cut_reached"]
+    conf = neg["confirmation"]
+    if met:  # re-measured on seed 3, best first: the first that held, else the lowest there
+        assert conf["seeds"] == [3] and conf["tried"]
+        ranked = ts.rank_negative(cands, neg["baseline"]["defect_rate"])
+        assert [(t["negative_prompt"], t["negative_scale"]) for t in conf["tried"]] == ranked[:len(conf["tried"])]
+        for t in conf["tried"]:
+            assert t["confirmed"] == ts.cuts_defects(t["defect_rate"], conf["baseline"]["defect_rate"])
+        assert conf["confirmed"] == any(t["confirmed"] for t in conf["tried"])
+        kept = next((t for t in conf["tried"] if t["confirmed"]), None) or min(conf["tried"],
+                                                                               key=lambda t: t["defect_rate"])
+        n, s = kept["negative_prompt"], kept["negative_scale"]
+    else:
+        assert conf is None
     want = {**shipped_flow, "guidance_scale": best, "negative_prompt": n}
     if s != "replace":
         want["negative_scale"] = s
@@ -468,6 +481,32 @@ def test_choose_negative_takes_the_most_accurate_setting_that_cuts_defects_to_a_
     # none meets a cut of 0.0 / 3: the lowest defect rate
     assert ts.choose_negative({k: v for k, v in scores.items() if k != ("b", 0.5)}, 0.0) == (("a", 1.0), False)
     assert ts.choose_negative(scores, 0.03, cut=100.0) == (("b", 0.5), True)
+    assert ts.rank_negative(scores, 0.03) == [("b", 0.5), ("a", 1.0)]  # equal accuracy: the smaller scale first
+    assert ts.rank_negative(scores, 0.0) == [("b", 0.5)]
+
+
+def test_confirm_negative_keeps_the_first_setting_that_cuts_defects_on_fresh_seeds_too():
+    """The probe's pick is re-measured on fresh seeds; when its rate there misses the cut, the next
+    ranked setting is tried, up to ``tries``; none holding returns None with every re-measurement."""
+    ts = _train_script()
+    fresh = {("a", 1.0): 0.02, ("b", 0.5): 0.01, ("c", "replace"): 0.0}
+    calls = []
+
+    def measure(key):
+        calls.append(key)
+        return {"color": 0.99, "defect_rate": fresh[key]}
+
+    ranked = [("a", 1.0), ("b", 0.5), ("c", "replace")]
+    kept, tried = ts.confirm_negative(ranked, measure, baseline=0.03)
+    assert kept == ("b", 0.5) and calls == ranked[:2]  # a's fresh 0.02 misses 0.03 / 3; b's 0.01 holds
+    assert [t["confirmed"] for t in tried] == [False, True]
+    assert tried[0] == {"negative_prompt": "a", "negative_scale": 1.0, "color": 0.99, "defect_rate": 0.02,
+                        "confirmed": False}
+    calls.clear()
+    assert ts.confirm_negative(ranked, measure, baseline=0.03, tries=1) == (None, tried[:1])
+    assert calls == ranked[:1]
+    assert ts.confirm_negative(ranked, measure, baseline=0.0)[0] == ("c", "replace")  # 0.0 <= 0.0 / 3
+    assert ts.confirm_negative([], measure, baseline=0.03) == (None, [])
 
 
 def test_defaults_negative_scales_parse_and_refuse_bad_values(capsys):
@@ -475,6 +514,10 @@ def test_defaults_negative_scales_parse_and_refuse_bad_values(capsys):
     ts = _train_script()
     parse = ts.build_parser().parse_args
     assert parse(["defaults", "--negative-scales", "replace", "0", "1.5"]).negative_scales == [ts.REPLACE, 0.0, 1.5]
+    assert parse(["defaults"]).confirm_seeds == [4, 5, 6] and parse(["defaults", "--confirm-seeds"]).confirm_seeds == []
+    with pytest.raises(SystemExit):
+        parse(["defaults", "--confirm-tries", "0"])
+    assert "a whole number >= 1, got '0'" in capsys.readouterr().err
     for bad, says in (("-1", "negative_scale must be a finite number >= 0"), ("nan", "finite number"),
                       ("inf", "finite number"), ("lots", "'replace' or a number >= 0")):
         with pytest.raises(SystemExit):

@@ -55,7 +55,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -467,21 +467,53 @@ def choose_guidance(scores: dict[float, dict[str, float]]) -> float:
 REPLACE = "replace"  # a negative-scale candidate: the negative prompt replaces the unconditional branch
 
 
+def _negative_cost(key: tuple[str, Any]) -> tuple[int, float]:
+    """``REPLACE`` (two rows per step) before a scale (three), then the smaller scale."""
+    return (0, 0.0) if key[1] == REPLACE else (1, float(key[1]))
+
+
+def cuts_defects(rate: float, baseline: float, cut: float = 3.0) -> bool:
+    """Whether a defect rate is at most ``baseline / cut``."""
+    return rate <= baseline / cut + 1e-12
+
+
+def rank_negative(scores: dict[tuple[str, Any], dict[str, float]], baseline: float,
+                  cut: float = 3.0) -> list[tuple[str, Any]]:
+    """The (negative prompt, negative scale) settings whose probe cuts the defect rate to at most
+    ``baseline / cut`` (``baseline``: the rate with no negative prompt at the same guidance), best
+    first: the highest mean accuracy, among equals the cheaper one (``REPLACE``: two rows per step, a
+    scale three) and the smaller scale."""
+    met = [k for k, acc in scores.items() if cuts_defects(acc["defect_rate"], baseline, cut)]
+    return sorted(met, key=lambda k: (-round(mean_accuracy(scores[k]), 6), _negative_cost(k)))
+
+
 def choose_negative(scores: dict[tuple[str, Any], dict[str, float]], baseline: float,
                     cut: float = 3.0) -> tuple[tuple[str, Any], bool]:
-    """The (negative prompt, negative scale) whose probe cuts the defect rate to at most ``baseline /
-    cut`` (``baseline``: the rate with no negative prompt at the same guidance) with the highest mean
-    accuracy; among equals the cheaper one (``REPLACE``: two rows per step, a scale three) and the
-    smaller scale. When none reaches the cut: the lowest defect rate (then the highest accuracy).
-    Returns the choice and whether it reached the cut."""
-    def cost(key: tuple[str, Any]) -> tuple[int, float]:
-        return (0, 0.0) if key[1] == REPLACE else (1, float(key[1]))
-
-    met = [k for k, acc in scores.items() if acc["defect_rate"] <= baseline / cut + 1e-12]
-    if met:
-        return min(met, key=lambda k: (-round(mean_accuracy(scores[k]), 6), cost(k))), True
+    """The best of :func:`rank_negative`; when none reaches the cut: the lowest defect rate (then the
+    highest accuracy, then the cheaper). Returns the choice and whether it reached the cut."""
+    ranked = rank_negative(scores, baseline, cut)
+    if ranked:
+        return ranked[0], True
     return min(scores, key=lambda k: (round(scores[k]["defect_rate"], 6), -round(mean_accuracy(scores[k]), 6),
-                                      cost(k))), False
+                                      _negative_cost(k))), False
+
+
+def confirm_negative(ranked: list[tuple[str, Any]], measure: Callable[[tuple[str, Any]], dict[str, float]],
+                     baseline: float, cut: float = 3.0, tries: int = 3) -> tuple[tuple[str, Any] | None, list[dict]]:
+    """Re-measure the probe's best settings (``ranked``, from :func:`rank_negative`) on fresh seeds
+    (``measure(key)``; ``baseline``: the rate with no negative prompt on those seeds), best first, up
+    to ``tries`` of them: the first whose fresh defect rate also cuts to ``baseline / cut`` is kept.
+    The probe picks the best of several noisy readings, so its pick's rate reads low (the winner's
+    curse); the fresh seeds measure it without that bias. Returns the kept setting (None when none
+    held) and every re-measurement."""
+    tried: list[dict] = []
+    for key in ranked[:tries]:
+        acc = measure(key)
+        ok = cuts_defects(acc["defect_rate"], baseline, cut)
+        tried.append({"negative_prompt": key[0], "negative_scale": key[1], **acc, "confirmed": ok})
+        if ok:
+            return key, tried
+    return None, tried
 
 
 def cmd_defaults(a: argparse.Namespace) -> None:
@@ -489,8 +521,10 @@ def cmd_defaults(a: argparse.Namespace) -> None:
     on ``--n-prompts`` prompts drawn apart from the benchmark's: the guidance scale with no negative
     prompt (:func:`choose_guidance`: the best mean of the accuracies and the clean share), then at
     that scale the negative prompt and negative scale (:func:`choose_negative`: the most accurate
-    one that cuts the defect rate to a third). Keeps the default sampler and steps; writes
-    ``<run>/export/defaults.json``, which ``export`` writes into the model folders."""
+    one that cuts the defect rate to a third), confirmed on ``--confirm-seeds`` (:func:`confirm_negative`:
+    the pick must cut the defect rate on fresh seeds too, else the next one is tried). Keeps the
+    default sampler and steps; writes ``<run>/export/defaults.json``, which ``export`` writes into the
+    model folders."""
     t0 = time.time()
     run = Path(a.run)
     flat = run / "export"
@@ -522,9 +556,31 @@ def cmd_defaults(a: argparse.Namespace) -> None:
                                                  negative_prompt=neg, negative_scale=None if s == REPLACE else s)
                 log.info("%s guidance %g, negative %r scale %s: %s", kind, best, neg, s, json.dumps(negs[(neg, s)]))
         (neg, s), met = choose_negative(negs, baseline["defect_rate"], a.defect_cut)
+        confirmation: dict[str, Any] | None = None
         if not met:
             log.warning("%s: no negative prompt cut the defect rate to 1/%g of %.4f; chose the lowest", kind,
                         a.defect_cut, baseline["defect_rate"])
+        elif a.confirm_seeds:
+            fresh = prober.accuracy(pipe, seeds=a.confirm_seeds, guidance_scale=best, negative_prompt="")
+            log.info("%s confirmation, no negative prompt, seeds %s: %s", kind, a.confirm_seeds, json.dumps(fresh))
+
+            def measure(key: tuple[str, Any]) -> dict[str, float]:
+                acc = prober.accuracy(pipe, seeds=a.confirm_seeds, guidance_scale=best, negative_prompt=key[0],
+                                      negative_scale=None if key[1] == REPLACE else key[1])
+                log.info("%s confirmation, negative %r scale %s: %s", kind, key[0], key[1], json.dumps(acc))
+                return acc
+
+            kept, tried = confirm_negative(rank_negative(negs, baseline["defect_rate"], a.defect_cut), measure,
+                                           fresh["defect_rate"], a.defect_cut, a.confirm_tries)
+            if kept is None:  # none held: the one that cut most on the fresh seeds
+                best_try = min(tried, key=lambda t: round(t["defect_rate"], 6))
+                kept = (best_try["negative_prompt"], best_try["negative_scale"])
+                log.warning("%s: on seeds %s no negative setting tried cut the defect rate to 1/%g of %.4f; kept "
+                            "%r scale %s, the lowest there", kind, a.confirm_seeds, a.defect_cut,
+                            fresh["defect_rate"], *kept)
+            neg, s = kept
+            confirmation = {"seeds": a.confirm_seeds, "baseline": fresh, "tried": tried,
+                            "confirmed": any(t["confirmed"] for t in tried)}
         chosen[kind] = {**pipe.defaults, "guidance_scale": best, "negative_prompt": neg}
         chosen[kind].pop("negative_scale", None)
         if s != REPLACE:
@@ -532,7 +588,8 @@ def cmd_defaults(a: argparse.Namespace) -> None:
         probe[kind] = {f"{w:g}": v for w, v in scores.items()}
         negative_probe[kind] = {"guidance_scale": best, "seeds": a.negative_seeds, "baseline": baseline,
                                 "cut_reached": met, "candidates": [{"negative_prompt": n, "negative_scale": sc, **v}
-                                                                   for (n, sc), v in negs.items()]}
+                                                                   for (n, sc), v in negs.items()],
+                                "confirmation": confirmation}
         log.info("%s: default guidance %g, negative prompt %r, negative scale %s", kind, best, neg, s)
     _write_json(flat / "defaults.json", {"defaults": chosen, "probe": probe, "negative_probe": negative_probe,
                                          "n_prompts": a.n_prompts, "prompt_seed": DEFAULTS_PROMPT_SEED,
@@ -733,6 +790,16 @@ def cmd_all(a: argparse.Namespace) -> None:
         export(Path(a.run) / "export", Path(a.dest))
 
 
+def _positive_int_arg(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {v!r}")
+    return n
+
+
 def _negative_scale_arg(v: str) -> str | float:
     from noisewise.guidance.guided import check_negative_scale
 
@@ -874,6 +941,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "unconditional branch) or a number s (its own weight, one more row per step)")
     s.add_argument("--defect-cut", type=float, default=3.0,
                    help="a negative setting qualifies when it cuts the defect rate to 1/this of no negative prompt")
+    s.add_argument("--confirm-seeds", type=int, nargs="*", default=[4, 5, 6],
+                   help="fresh sampling seeds on which the chosen negative setting must cut the defect rate again "
+                        "(the best of several noisy readings reads low); none: no confirmation")
+    s.add_argument("--confirm-tries", type=_positive_int_arg, default=3,
+                   help="how many of the probe's best settings to re-measure, best first, until one holds")
     s.add_argument("--dest", default=None, help="also export the model folders, with the chosen defaults, here")
     s.set_defaults(func=cmd_defaults)
 
