@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--negative-prompt", default=None,
                    help="default: the model's (the defaults stage probes guidance scales with \"\": none)")
     p.add_argument("--negative-scale", type=float, default=None, help="default: the model's")
+    p.add_argument("--negative-above", type=float, default=None,
+                   help="with a negative scale: the negative acts only at noise levels sigma/alpha at or above this "
+                        "(default: the model's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="append the result as a json line here")
     a = p.parse_args(argv)
@@ -51,13 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     mean = {k: v for k, v in probe.seed_mean(pipe, a.seeds, guidance_scale=a.guidance,
                                              negative_prompt=a.negative_prompt,
-                                             negative_scale=a.negative_scale).items() if not k.startswith("rate_")}
+                                             negative_scale=a.negative_scale,
+                                             negative_above=a.negative_above).items() if not k.startswith("rate_")}
+    scale = a.negative_scale if a.negative_scale is not None else pipe.defaults.get("negative_scale")
     row = {"run": str(run), "kind": a.kind, "steps": meta["steps"], "batch_size": meta["batch_size"],
            "lr": meta["lr"], "guidance": a.guidance,
            "negative_prompt": pipe.defaults["negative_prompt"] if a.negative_prompt is None else a.negative_prompt,
-           "negative_scale": a.negative_scale if a.negative_scale is not None else pipe.defaults.get("negative_scale"),
+           "negative_scale": scale,
+           "negative_above": (a.negative_above if a.negative_above is not None
+                              else pipe.defaults.get("negative_above", 0.0) if scale is not None else 0.0),
            "seeds": a.seeds, "n_prompts": a.n_prompts,
-           "evaluator": a.evaluator, **{k: round(v, 3) for k, v in mean.items()},
+           "evaluator": a.evaluator, **{k: round(v, 4) for k, v in mean.items()},
            "seconds": round(time.time() - t0, 1)}
     print(json.dumps(row))
     if a.out:

@@ -120,6 +120,55 @@ def test_composed_denoiser_adds_the_negative_term() -> None:
     assert torch.allclose(weighted, replaced, atol=1e-9, rtol=0)
 
 
+def test_negative_above_gates_the_negative_term_and_its_rows() -> None:
+    """``negative_above``: the negative term (and its rows) only at ``sigma / alpha >= negative_above``;
+    below, plain CFG against ``uncond`` with two rows per sample."""
+    x, cond, neg = x_(3), torch.tensor([0, 2, 3]), torch.tensor([1])
+    u = post(x, -1)
+    with_neg = u + 2.0 * (post(x, cond) - u) - 1.5 * (post(x, 1) - u)
+    plain = u + 2.0 * (post(x, cond) - u)
+    ve = LEVEL.sigma / LEVEL.alpha  # 0.75
+    for above, ref, rows in ((0.0, with_neg, 9), (ve, with_neg, 9), (0.76, plain, 6)):
+        spy = Spy()
+        d = GuidedDenoiser(spy, cond=cond, uncond=UNCOND, negative=neg, negative_scale=1.5, negative_above=above,
+                           guidance_scale=2.0)
+        assert torch.allclose(d(x, LEVEL), ref, atol=1e-12, rtol=0), above
+        assert len(spy.calls[0]) == rows and d.nfe == rows // 3
+        spy = Spy()
+        c = ComposedDenoiser(spy, cond=cond, guide=UNCOND.expand(3), guidance_scale=2.0, negative=neg.expand(3),
+                             negative_scale=1.5, negative_above=above,
+                             composition=Composition(torch.tensor([2]), owner=[0], weight=[0.7]))
+        comp = ref.clone()
+        comp[0] += 0.7 * (post(x[:1], 2) - u[:1])[0]
+        assert torch.allclose(c(x, LEVEL), comp, atol=1e-12, rtol=0), above
+        assert len(spy.calls[0]) == rows + 1 and c.nfe == (4 if rows == 9 else 3)
+    # through nw.sample: 0 is the ungated sampler, a level above every step's is negative_scale 0, one between
+    # them is neither
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(6), dtype=F64)
+    opts = dict(schedule=SCHED, sampler="dpmpp_2m", steps=8, cond=torch.tensor([0]), uncond=UNCOND,
+                negative=torch.tensor([1]), guidance_scale=3.0)
+    model = GMM.model(SCHED)
+    full = nw.sample(model, z, negative_scale=1.0, **opts)
+    assert torch.equal(nw.sample(model, z, negative_scale=1.0, negative_above=0.0, **opts), full)
+    off = nw.sample(model, z, negative_scale=0.0, **opts)
+    assert torch.allclose(nw.sample(model, z, negative_scale=1.0, negative_above=1e9, **opts), off, atol=1e-12, rtol=0)
+    half = nw.sample(model, z, negative_scale=1.0, negative_above=1.0, **opts)
+    assert (half - full).abs().max() > 1e-3 and (half - off).abs().max() > 1e-3
+
+
+def test_negative_above_is_checked() -> None:
+    for bad in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="negative_above must be a finite number >= 0"):
+            GuidedDenoiser(Spy(), cond=torch.tensor([0]), uncond=UNCOND, negative=torch.tensor([1]),
+                           negative_scale=1.0, negative_above=bad, guidance_scale=2.0)
+    for d in (GuidedDenoiser, ComposedDenoiser):  # a replacing negative has no term of its own to gate
+        kw = {"uncond": UNCOND} if d is GuidedDenoiser else {"guide": UNCOND}
+        with pytest.raises(ValueError, match="negative_above= gates the negative prompt's own term: give "
+                                             "negative_scale= too"):
+            d(Spy(), cond=torch.tensor([0]), negative=torch.tensor([1]), negative_above=1.0, guidance_scale=2.0,
+              **kw)
+
+
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), True, "1"])
 def test_bad_negative_scales_are_refused(bad) -> None:
     with pytest.raises(ValueError, match="negative_scale must be a finite number >= 0"):
@@ -191,6 +240,42 @@ def test_pipeline_negative_scale(pipe) -> None:
         pipe(prompts, steps=2, negative_scale=-1.0)
 
 
+def test_pipeline_negative_above(pipe) -> None:
+    """The gate in the pipeline: fewer rows at the low-noise steps, stored, reproduced, the model's
+    default taken only with a weighted negative."""
+    prompts = ["a red circle on the left", "a blue square at the top"]
+    spy = RowSpy(pipe)
+    full = pipe(prompts, seed=2, steps=4, compose="off", negative_scale=1.0, model=spy)
+    assert spy.rows == [6] * 4 and full.metadata[0]["negative_above"] == 0.0
+    spy = RowSpy(pipe)
+    gated = pipe(prompts, seed=2, steps=4, compose="off", negative_scale=1.0, negative_above=1.0, model=spy)
+    n_low = sum(r == 4 for r in spy.rows)
+    assert 0 < n_low < 4 and set(spy.rows) == {4, 6} and spy.rows == sorted(spy.rows, reverse=True)
+    assert gated.nfe == 3 * (4 - n_low) + 2 * n_low  # three branches above the gate, two below
+    assert gated.metadata[0]["negative_above"] == 1.0 and not np.array_equal(gated.images, full.images)
+    m = gated.metadata[1]
+    again = pipe(m["prompt"], seed=m["seed"], steps=4, compose=m["compose"], negative_prompt=m["negative_prompt"],
+                 negative_scale=m["negative_scale"], negative_above=m["negative_above"])
+    assert np.array_equal(again.images[0], gated.images[1])
+    saved = dict(pipe.defaults)
+    try:
+        pipe.defaults.update({"negative_scale": 1.0, "negative_above": 1.0})
+        assert np.array_equal(pipe(prompts, seed=2, steps=4, compose="off").images, gated.images)
+        # the stored 0 reproduces the ungated image under a model whose default gates
+        assert np.array_equal(pipe(prompts, seed=2, steps=4, compose="off", negative_above=0.0).images, full.images)
+        # a replacing negative (a guidance method) does not take the model's gate
+        assert "negative_above" not in pipe(prompts, seed=2, steps=2, guidance="apg").metadata[0]
+    finally:
+        pipe.defaults.clear()
+        pipe.defaults.update(saved)
+    with pytest.raises(ValueError, match="give negative_scale= too"):
+        pipe(prompts, steps=2, negative_above=1.0)  # the shipped vp replaces the unconditional branch
+    with pytest.raises(ValueError, match="negative_above must be a finite number"):
+        pipe(prompts, steps=2, negative_scale=1.0, negative_above=-1.0)
+    # no negative prompt: nothing to gate
+    assert "negative_above" not in pipe(prompts, steps=2, negative_prompt="", negative_above=1.0).metadata[0]
+
+
 def test_cli_negative_scale_is_stored_and_checked(tmp_path) -> None:
     from PIL import Image
 
@@ -203,6 +288,14 @@ def test_cli_negative_scale_is_stored_and_checked(tmp_path) -> None:
     assert json.loads(Image.open(out).text["parameters"])["negative_scale"] == 0.75
     bad = run_cli("generate", "a red circle", "--negative-scale", "-1", "--out", str(out))
     assert bad.returncode != 0 and "--negative-scale" in bad.stderr and "Traceback" not in bad.stderr
+    r = run_cli("generate", "a red circle", "--steps", "2", "--negative-scale", "0.75", "--negative-above", "1",
+                "--out", str(out), "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(Image.open(out).text["parameters"])["negative_above"] == 1.0
+    for args, says in ((["--negative-above", "-1"], "--negative-above"),
+                       (["--negative-above", "1"], "give negative_scale= too")):  # the shipped vp replaces
+        bad = run_cli("generate", "a red circle", "--steps", "2", *args, "--out", str(out), "--device", "cpu")
+        assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_http_negative_scale() -> None:

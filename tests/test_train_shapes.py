@@ -382,33 +382,36 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     ts.main(["evaluator", "--run", run, "--device", "cpu", "--steps", "2", "--batch-size", "8", "--no-progress"])
     ts.main(["defaults", "--run", run, "--device", "cpu", "--n-prompts", "4", "--guidance", "1", "6",
              "--negative-prompts", "blurry", "--negative-scales", "replace", "0.5", "--negative-seeds", "1", "2",
-             "--confirm-seeds", "3", "--dest", str(tmp_path / "models")])
+             "--negative-above", "0", "0.4", "--confirm-seeds", "3", "--dest", str(tmp_path / "models")])
     chosen = json.loads((tmp_path / "export" / "defaults.json").read_text())
     probe = {float(w): acc for w, acc in chosen["probe"]["flow"].items()}
     assert sorted(probe) == [1.0, 6.0] and "vp" not in chosen["defaults"]  # only flow was trained
     best = ts.choose_guidance(probe)
     neg = chosen["negative_probe"]["flow"]
     assert neg["guidance_scale"] == best and neg["seeds"] == [1, 2]
-    cands = {(c["negative_prompt"], c["negative_scale"]): c for c in neg["candidates"]}
-    assert set(cands) == {("blurry", 0.5), ("blurry", "replace")}
-    (n, s), met = ts.choose_negative(cands, neg["baseline"]["defect_rate"])
+    cands = {(c["negative_prompt"], c["negative_scale"], c["negative_above"]): c for c in neg["candidates"]}
+    assert set(cands) == {("blurry", 0.5, 0.0), ("blurry", 0.5, 0.4), ("blurry", "replace", 0.0)}  # no gated replace
+    key, met = ts.choose_negative(cands, neg["baseline"]["defect_rate"])
     assert met == neg["cut_reached"]
     conf = neg["confirmation"]
     if met:  # re-measured on seed 3, best first: the first that held, else the lowest there
         assert conf["seeds"] == [3] and conf["tried"]
         ranked = ts.rank_negative(cands, neg["baseline"]["defect_rate"])
-        assert [(t["negative_prompt"], t["negative_scale"]) for t in conf["tried"]] == ranked[:len(conf["tried"])]
+        assert [(t["negative_prompt"], t["negative_scale"], t["negative_above"])
+                for t in conf["tried"]] == ranked[:len(conf["tried"])]
         for t in conf["tried"]:
             assert t["confirmed"] == ts.cuts_defects(t["defect_rate"], conf["baseline"]["defect_rate"])
         assert conf["confirmed"] == any(t["confirmed"] for t in conf["tried"])
         kept = next((t for t in conf["tried"] if t["confirmed"]), None) or min(conf["tried"],
                                                                                key=lambda t: t["defect_rate"])
-        n, s = kept["negative_prompt"], kept["negative_scale"]
+        key = (kept["negative_prompt"], kept["negative_scale"], kept["negative_above"])
     else:
         assert conf is None
-    want = {**shipped_flow, "guidance_scale": best, "negative_prompt": n}
-    if s != "replace":
-        want["negative_scale"] = s
+    want = {**shipped_flow, "guidance_scale": best, "negative_prompt": key[0]}
+    if key[1] != "replace":
+        want["negative_scale"] = key[1]
+    if key[2]:
+        want["negative_above"] = key[2]
     assert chosen["defaults"]["flow"] == want
     for folder in (tmp_path / "models", tmp_path / "weights"):
         index = json.loads((folder / "shapes-flow" / "model_index.json").read_text())
@@ -443,6 +446,15 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     for k in ("background", "shape", "color", "size", "position", "defect_rate"):
         want = neg["baseline"][k]
         assert two[k] == pytest.approx(want, abs=6e-4) or (want != want and two[k] != two[k]), k
+    # and a gated candidate reads as the defaults probe read it
+    pd.main(["--run", run, "--kind", "flow", "--evaluator", str(tmp_path / "models" / "shapes-evaluator"),
+             "--n-prompts", "4", "--seeds", "1", "2", "--guidance", str(best), "--negative-prompt", "blurry",
+             "--negative-scale", "0.5", "--negative-above", "0.4", "--out", str(rows)])
+    gated = json.loads(rows.read_text().splitlines()[-1])
+    assert (gated["negative_scale"], gated["negative_above"]) == (0.5, 0.4)
+    for k in ("background", "shape", "color", "size", "position", "defect_rate"):
+        want = cands[("blurry", 0.5, 0.4)][k]
+        assert gated[k] == pytest.approx(want, abs=6e-5) or (want != want and gated[k] != gated[k]), k
 
     # each denoiser's training record: the flow one says its time location; vp, which has none, does not
     assert json.loads((tmp_path / "export" / "unet-flow.json").read_text())["flow_t_loc"] == 0.0

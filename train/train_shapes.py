@@ -32,9 +32,10 @@ scratch on a 2-core CPU in 2 hours (the small architectures; docs/benchmarks/mod
 ``cpu-2h`` runs the evaluator beside the caption encoding and the two denoisers side by side, one
 thread each (``--lanes 2``; each such stage logs to ``<run>/logs/<stage>.log``); the caption
 encoding takes the evaluator's thread too once the evaluator is done. ``defaults``
-then chooses each denoiser's default guidance scale, negative prompt and negative scale with the
-run's own evaluator (on prompts drawn apart from the benchmark's; ~12 minutes on the 2-core CPU) and
-writes them into the exported folders.
+then chooses each denoiser's default guidance scale, negative prompt, negative scale and the noise
+level the negative acts above with the run's own evaluator (on prompts drawn apart from the
+benchmark's), confirms the chosen negative's defect cut on fresh seeds, and writes them into the
+exported folders (~27 minutes on the 2-core CPU).
 
 Every stage is seeded; a run with ``--steps N`` and no ``--max-seconds`` repeats exactly (the log
 and ``<run>/export/<stage>.json`` give the N a time-boxed run settled on). ``--resume`` continues from
@@ -467,9 +468,19 @@ def choose_guidance(scores: dict[float, dict[str, float]]) -> float:
 REPLACE = "replace"  # a negative-scale candidate: the negative prompt replaces the unconditional branch
 
 
-def _negative_cost(key: tuple[str, Any]) -> tuple[int, float]:
-    """``REPLACE`` (two rows per step) before a scale (three), then the smaller scale."""
-    return (0, 0.0) if key[1] == REPLACE else (1, float(key[1]))
+def _negative_cost(key: tuple[Any, ...]) -> tuple[int, float, float]:
+    """``REPLACE`` (two rows per step) before a scale (three), then the smaller scale, then the higher
+    ``negative_above`` (the third element, if any: fewer steps with the third row)."""
+    above = float(key[2]) if len(key) > 2 else 0.0
+    return (0, 0.0, 0.0) if key[1] == REPLACE else (1, float(key[1]), -above)
+
+
+def negative_kwargs(key: tuple[Any, ...]) -> dict[str, Any]:
+    """The pipeline arguments of a negative setting ``(prompt, scale or REPLACE[, negative_above])``."""
+    kw: dict[str, Any] = {"negative_prompt": key[0], "negative_scale": None if key[1] == REPLACE else key[1]}
+    if len(key) > 2 and key[2]:
+        kw["negative_above"] = key[2]
+    return kw
 
 
 def cuts_defects(rate: float, baseline: float, cut: float = 3.0) -> bool:
@@ -498,6 +509,11 @@ def choose_negative(scores: dict[tuple[str, Any], dict[str, float]], baseline: f
                                       _negative_cost(k))), False
 
 
+def _negative_record(key: tuple[Any, ...]) -> dict[str, Any]:
+    """A negative setting as a JSON record (``negative_above`` 0: at every level)."""
+    return {"negative_prompt": key[0], "negative_scale": key[1], **({"negative_above": key[2]} if len(key) > 2 else {})}
+
+
 def confirm_negative(ranked: list[tuple[str, Any]], measure: Callable[[tuple[str, Any]], dict[str, float]],
                      baseline: float, cut: float = 3.0, tries: int = 3) -> tuple[tuple[str, Any] | None, list[dict]]:
     """Re-measure the probe's best settings (``ranked``, from :func:`rank_negative`) on fresh seeds
@@ -510,7 +526,7 @@ def confirm_negative(ranked: list[tuple[str, Any]], measure: Callable[[tuple[str
     for key in ranked[:tries]:
         acc = measure(key)
         ok = cuts_defects(acc["defect_rate"], baseline, cut)
-        tried.append({"negative_prompt": key[0], "negative_scale": key[1], **acc, "confirmed": ok})
+        tried.append({**_negative_record(key), **acc, "confirmed": ok})
         if ok:
             return key, tried
     return None, tried
@@ -546,16 +562,19 @@ def cmd_defaults(a: argparse.Namespace) -> None:
         # the defect rates are a few images in a hundred: the negative settings are compared on more seeds
         baseline = prober.accuracy(pipe, seeds=a.negative_seeds, guidance_scale=best, negative_prompt="")
         log.info("%s guidance %g, no negative prompt, seeds %s: %s", kind, best, a.negative_seeds, json.dumps(baseline))
-        negs: dict[tuple[str, Any], dict[str, float]] = {}
+        negs: dict[tuple[str, Any, float], dict[str, float]] = {}
         for neg in a.negative_prompts:
             for sc in a.negative_scales:
-                s = REPLACE if sc == REPLACE else float(sc)
-                if s != REPLACE and (best > 1 and s == best - 1):
-                    continue  # the same as replacing, at one more row per step
-                negs[(neg, s)] = prober.accuracy(pipe, seeds=a.negative_seeds, guidance_scale=best,
-                                                 negative_prompt=neg, negative_scale=None if s == REPLACE else s)
-                log.info("%s guidance %g, negative %r scale %s: %s", kind, best, neg, s, json.dumps(negs[(neg, s)]))
-        (neg, s), met = choose_negative(negs, baseline["defect_rate"], a.defect_cut)
+                for above in a.negative_above if sc != REPLACE else [0.0]:  # a replacing negative has no gate
+                    s = REPLACE if sc == REPLACE else float(sc)
+                    if s != REPLACE and not above and best > 1 and s == best - 1:
+                        continue  # the same as replacing, at one more row per step
+                    key = (neg, s, float(above))
+                    negs[key] = prober.accuracy(pipe, seeds=a.negative_seeds, guidance_scale=best,
+                                                **negative_kwargs(key))
+                    log.info("%s guidance %g, negative %r scale %s above %g: %s", kind, best, neg, s, above,
+                             json.dumps(negs[key]))
+        key, met = choose_negative(negs, baseline["defect_rate"], a.defect_cut)
         confirmation: dict[str, Any] | None = None
         if not met:
             log.warning("%s: no negative prompt cut the defect rate to 1/%g of %.4f; chose the lowest", kind,
@@ -564,33 +583,31 @@ def cmd_defaults(a: argparse.Namespace) -> None:
             fresh = prober.accuracy(pipe, seeds=a.confirm_seeds, guidance_scale=best, negative_prompt="")
             log.info("%s confirmation, no negative prompt, seeds %s: %s", kind, a.confirm_seeds, json.dumps(fresh))
 
-            def measure(key: tuple[str, Any]) -> dict[str, float]:
-                acc = prober.accuracy(pipe, seeds=a.confirm_seeds, guidance_scale=best, negative_prompt=key[0],
-                                      negative_scale=None if key[1] == REPLACE else key[1])
-                log.info("%s confirmation, negative %r scale %s: %s", kind, key[0], key[1], json.dumps(acc))
+            def measure(key: tuple[str, Any, float]) -> dict[str, float]:
+                acc = prober.accuracy(pipe, seeds=a.confirm_seeds, guidance_scale=best, **negative_kwargs(key))
+                log.info("%s confirmation, %s: %s", kind, _negative_record(key), json.dumps(acc))
                 return acc
 
-            kept, tried = confirm_negative(rank_negative(negs, baseline["defect_rate"], a.defect_cut), measure,
-                                           fresh["defect_rate"], a.defect_cut, a.confirm_tries)
+            ranked = rank_negative(negs, baseline["defect_rate"], a.defect_cut)
+            kept, tried = confirm_negative(ranked, measure, fresh["defect_rate"], a.defect_cut, a.confirm_tries)
             if kept is None:  # none held: the one that cut most on the fresh seeds
-                best_try = min(tried, key=lambda t: round(t["defect_rate"], 6))
-                kept = (best_try["negative_prompt"], best_try["negative_scale"])
+                kept = ranked[min(range(len(tried)), key=lambda i: round(tried[i]["defect_rate"], 6))]
                 log.warning("%s: on seeds %s no negative setting tried cut the defect rate to 1/%g of %.4f; kept "
-                            "%r scale %s, the lowest there", kind, a.confirm_seeds, a.defect_cut,
-                            fresh["defect_rate"], *kept)
-            neg, s = kept
+                            "%s, the lowest there", kind, a.confirm_seeds, a.defect_cut, fresh["defect_rate"],
+                            _negative_record(kept))
+            key = kept
             confirmation = {"seeds": a.confirm_seeds, "baseline": fresh, "tried": tried,
                             "confirmed": any(t["confirmed"] for t in tried)}
-        chosen[kind] = {**pipe.defaults, "guidance_scale": best, "negative_prompt": neg}
-        chosen[kind].pop("negative_scale", None)
-        if s != REPLACE:
-            chosen[kind]["negative_scale"] = s
+        chosen[kind] = {**pipe.defaults, "guidance_scale": best}
+        for k in ("negative_scale", "negative_above"):
+            chosen[kind].pop(k, None)
+        chosen[kind].update({k: v for k, v in negative_kwargs(key).items() if v is not None})
         probe[kind] = {f"{w:g}": v for w, v in scores.items()}
         negative_probe[kind] = {"guidance_scale": best, "seeds": a.negative_seeds, "baseline": baseline,
-                                "cut_reached": met, "candidates": [{"negative_prompt": n, "negative_scale": sc, **v}
-                                                                   for (n, sc), v in negs.items()],
+                                "cut_reached": met, "candidates": [{**_negative_record(k), **v}
+                                                                   for k, v in negs.items()],
                                 "confirmation": confirmation}
-        log.info("%s: default guidance %g, negative prompt %r, negative scale %s", kind, best, neg, s)
+        log.info("%s: default guidance %g, %s", kind, best, _negative_record(key))
     _write_json(flat / "defaults.json", {"defaults": chosen, "probe": probe, "negative_probe": negative_probe,
                                          "n_prompts": a.n_prompts, "prompt_seed": DEFAULTS_PROMPT_SEED,
                                          "seed": a.seed, "seconds": round(time.time() - t0, 1)})
@@ -800,6 +817,15 @@ def _positive_int_arg(v: str) -> int:
     return n
 
 
+def _noise_level_arg(v: str) -> float:
+    from noisewise.guidance.guided import check_noise_level
+
+    try:
+        return check_noise_level(float(v), "negative_above")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _negative_scale_arg(v: str) -> str | float:
     from noisewise.guidance.guided import check_negative_scale
 
@@ -936,9 +962,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="negative prompts to probe at the chosen guidance scale")
     s.add_argument("--negative-seeds", type=int, nargs="+", default=[1, 2, 3],
                    help="sampling seeds of the negative-prompt probe (its defect rates are a few images in a hundred)")
-    s.add_argument("--negative-scales", type=_negative_scale_arg, nargs="+", default=[REPLACE, 0.5, 1.0],
+    s.add_argument("--negative-scales", type=_negative_scale_arg, nargs="+", default=[REPLACE, 0.5, 1.0, 2.0],
                    help="negative scales to probe with each: 'replace' (the negative prompt replaces the "
                         "unconditional branch) or a number s (its own weight, one more row per step)")
+    s.add_argument("--negative-above", type=_noise_level_arg, nargs="+", default=[0.0, 0.4],
+                   help="noise levels sigma/alpha to probe each negative scale with: the negative acts only at or "
+                        "above it (0: at every level; a replacing negative is probed at 0 only)")
     s.add_argument("--defect-cut", type=float, default=3.0,
                    help="a negative setting qualifies when it cuts the defect rate to 1/this of no negative prompt")
     s.add_argument("--confirm-seeds", type=int, nargs="*", default=[4, 5, 6],

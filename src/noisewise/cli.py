@@ -176,7 +176,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale, callback=on_step, preset=a.preset,
             **({"image": image, "strength": a.strength} if image is not None else {}),
             **({"spacing": a.spacing} if a.spacing is not None else {}),
-            **{k: v for k, v in (("compose", a.compose), ("compose_scale", a.compose_scale),
+            **{k: v for k, v in (("negative_above", a.negative_above), ("compose", a.compose),
+                                 ("compose_scale", a.compose_scale),
                                  ("region_sigma", a.region_sigma),
                                  ("region_context_below", a.region_context_below)) if v is not None},
         )
@@ -229,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the negative prompt's own weight s: D(u) + w (D(c) - D(u)) - s (D(neg) - D(u)), one more "
                         "network row per image (default: the model's; for a model without one the negative prompt "
                         "replaces the unconditional branch, which is s = guidance scale - 1)")
+    g.add_argument("--negative-above", type=_float_range(0.0, 1e6, "--negative-above"), default=None,
+                   help="with a negative scale: the negative prompt acts only at noise levels sigma/alpha at or "
+                        "above this, so it steers the coarse image without retouching colours late (0 = every "
+                        "level; default: the model's)")
     g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
     g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
     g.add_argument("--steps", type=_int_range(*limits.STEPS, "--steps"), default=None, help="default: the model's (10)")

@@ -120,6 +120,7 @@ def sample(
     uncond: Any = None,
     negative: Any = None,
     negative_scale: float | None = None,
+    negative_above: float = 0.0,
     guidance_scale: float | Tensor | None = None,
     guidance: Any = None,
     composition: Any = None,
@@ -163,6 +164,8 @@ def sample(
         negative_scale: ``s``: the negative gets its own weight instead of replacing ``uncond``:
             ``D(u) + w (D(c) - D(u)) - s (D(n) - D(u))``, one more row per sample (replacing is
             ``s = w - 1``); needs ``uncond`` and ``negative``. Not with CFG++ or autoguidance.
+        negative_above: with ``negative_scale``: that term (and its rows) only at noise levels
+            ``sigma / alpha`` at or above this; 0 (the default): at every level.
         guidance_scale: ``w``, a number or one per sample (default 1: the conditional model, no
             unconditional rows).
         guidance: guidance options: a name, an option (``nw.APG()``), a dict or a list of them;
@@ -263,10 +266,12 @@ def sample(
             denoiser, cond=cond, guide=uncond if replacing is None else replacing,
             guidance_scale=1.0 if guidance_scale is None else guidance_scale, composition=composition,
             max_batch=max_batch, batch=noise.shape[0], negative=weighted, negative_scale=s,
+            negative_above=negative_above,
         )
     elif any(v is not None for v in (cond, uncond, negative, guidance_scale, guidance)):
         denoiser = GuidedDenoiser(
             denoiser, cond=cond, uncond=uncond, negative=negative, negative_scale=negative_scale,
+            negative_above=negative_above,
             guidance_scale=1.0 if guidance_scale is None else guidance_scale, guidance=guidance,
             max_batch=max_batch, batch=noise.shape[0],
         )

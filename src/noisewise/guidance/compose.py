@@ -38,7 +38,9 @@ from .guided import (
     _map,
     _same_layout,
     _take,
+    check_negative_above,
     check_negative_scale,
+    check_noise_level,
     check_scale,
     conditional_denoiser,
 )
@@ -88,13 +90,6 @@ class Composition:
         return len(self.owner)
 
 
-def check_noise_level(v: Any, name: str) -> float:
-    """``v`` as a noise level ``sigma / alpha`` below which something applies: a finite number >= 0."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0 (a noise level sigma / alpha; 0 = off), got {v!r}")
-    return float(v)
-
-
 class ComposedDenoiser(_ChunkedForward):
     """Composable guidance around a conditional denoiser; itself a denoiser ``D(x, level) -> x0``.
 
@@ -110,6 +105,8 @@ class ComposedDenoiser(_ChunkedForward):
         negative / negative_scale: a negative conditioning with its own weight ``s``: the sum gets
             ``- s (D(n) - D(guide))`` (one more row per sample; ``guide`` is then the unconditional
             conditioning). None or 0: no such term.
+        negative_above: that term (and its rows) only at noise levels ``sigma / alpha`` at or above
+            this; 0: at every level.
 
     Counts like :class:`~noisewise.guidance.GuidedDenoiser`: ``nfe`` (branches per step, the
     largest number any sample uses, summed over steps), ``calls`` (forward passes) and ``rows``.
@@ -127,6 +124,7 @@ class ComposedDenoiser(_ChunkedForward):
         batch: int | None = None,
         negative: Any = None,
         negative_scale: float | None = None,
+        negative_above: float = 0.0,
     ) -> None:
         self.model_denoiser = denoise if isinstance(denoise, ModelDenoiser) else None
         self.denoise: CondDenoise = conditional_denoiser(denoise) if isinstance(denoise, ModelDenoiser) else denoise
@@ -140,6 +138,7 @@ class ComposedDenoiser(_ChunkedForward):
         self.guide = _check_cond(guide, "guide", batch)
         _same_layout(self.cond, self.guide, "cond", "guide")
         self.negative_scale = check_negative_scale(negative_scale)
+        self.negative_above = check_negative_above(negative_above, negative_scale)
         self.neg = None  # a separately weighted negative: - s (D(n) - D(u)), one more row per sample
         if self.negative_scale and negative is not None and not _is_empty(negative):
             self.neg = _check_cond(negative, "negative", batch)
@@ -221,7 +220,8 @@ class ComposedDenoiser(_ChunkedForward):
             raise ValueError(f"this ComposedDenoiser was built for {self.batch} samples, got a batch of {B}")
         fi, w, owner, wc = self._on(x)
         xs, conds = [x], [self.guide]
-        if self.neg is not None:
+        neg = self.neg is not None and level.ve_sigma >= self.negative_above
+        if neg:
             xs.append(x)
             conds.append(self.neg)
         xf = x if fi is None else x.index_select(0, fi)
@@ -235,10 +235,10 @@ class ComposedDenoiser(_ChunkedForward):
             low = self.low_cond is not None and level.ve_sigma <= self.low_below
             conds.append(self.low_cond if low else self.comp_cond)
         out = self._forward(self.denoise, torch.cat(xs, dim=0), level, _cat(conds))
-        self.nfe += self.branches
+        self.nfe += self.branches - (self.neg is not None and not neg)
         u = out[:B]
         g = u.clone()
-        if self.neg is not None:
+        if neg:
             g = g - self.negative_scale * (out[B : 2 * B] - u)
             out = torch.cat([u, out[2 * B :]])  # the rows below as without a negative
         if nf:

@@ -254,6 +254,10 @@ class GuidedDenoiser(_ChunkedForward):
             the guidance method combines ``c`` and ``u``, the negative term is added before
             rescaling). Replacing ``uncond`` is the special case ``s = w - 1``. Needs ``uncond`` and
             ``negative``; None: ``negative`` replaces ``uncond``.
+        negative_above: with ``negative_scale``: the negative term acts only at noise levels
+            ``sigma / alpha`` at or above this (its rows are skipped below); 0 (the default): at every
+            level. A negative prompt against defects such as blur then steers the coarse image without
+            retouching colours at low noise.
         guidance_scale: ``w`` (a number or one value per sample; 1 = no guidance, no extra rows).
             For CFG++ it is the paper's ``lambda``.
         guidance: the options (see :func:`~noisewise.guidance.parse_guidance`).
@@ -269,6 +273,7 @@ class GuidedDenoiser(_ChunkedForward):
         uncond: Any = None,
         negative: Any = None,
         negative_scale: float | None = None,
+        negative_above: float = 0.0,
         guidance_scale: Any = 1.0,
         guidance: Any = None,
         max_batch: int | None = None,
@@ -295,6 +300,7 @@ class GuidedDenoiser(_ChunkedForward):
         if negative is not None and not isinstance(negative, Tensor) and not _leaves(negative):
             raise TypeError(f"negative must be a tensor like cond (or None), got {type(negative).__name__}")
         negative, weighted, self.negative_scale = split_negative(uncond, negative, negative_scale)
+        self.negative_above = check_negative_above(negative_above, negative_scale)
         self.neg_cond = None
         if weighted is not None:  # uncond stays the guiding branch; the negative gets its own rows
             if isinstance(self.combiner, CFGPlusPlus) or self.auto is not None:
@@ -430,7 +436,7 @@ class GuidedDenoiser(_ChunkedForward):
             return self._finish(out)
         guided = self.guided_here(level)
         idx = self._index_on(x.device) if guided else None
-        neg = guided and self.neg_cond is not None
+        neg = guided and self.neg_cond is not None and level.ve_sigma >= self.negative_above
         self.nfe += (3 if neg else 2) if guided else 1
         if not guided:
             return self._finish(self._forward(self.denoise, x, level, self.cond))
@@ -506,6 +512,23 @@ def check_negative_scale(s: Any) -> float | None:
         raise ValueError(f"negative_scale must be a finite number >= 0 (or None: the negative prompt replaces the "
                          f"unconditional branch), got {s!r}")
     return float(s)
+
+
+def check_noise_level(v: Any, name: str) -> float:
+    """``v`` as a noise level ``sigma / alpha`` where something starts or stops: a finite number >= 0."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0 (a noise level sigma / alpha; 0 = off), got {v!r}")
+    return float(v)
+
+
+def check_negative_above(v: Any, negative_scale: Any) -> float:
+    """``negative_above`` checked: a noise level (:func:`check_noise_level`); above 0 it gates the
+    negative's own term, so it needs a ``negative_scale``."""
+    above = check_noise_level(v, "negative_above")
+    if above > 0 and negative_scale is None:
+        raise ValueError("negative_above= gates the negative prompt's own term: give negative_scale= too "
+                         "(negative_scale = guidance_scale - 1 equals replacing the unconditional branch)")
+    return above
 
 
 def split_negative(uncond: Any, negative: Any, negative_scale: Any) -> tuple[Any, Any, float | None]:

@@ -273,6 +273,7 @@ class Pipeline:
         *,
         negative_prompt: str | None = None,
         negative_scale: float | None = None,
+        negative_above: float | None = None,
         num_images: int = 1,
         seed: int = 0,
         sampler: str | None = None,
@@ -301,6 +302,10 @@ class Pipeline:
                 the unconditional branch: ``D(u) + w (D(c) - D(u)) - s (D(neg) - D(u))``, one more
                 network row per image (replacing it is ``s = w - 1``). Default: the model's, else
                 None (replace); with a ``guidance=`` method None (CFG++ and autoguidance refuse a scale).
+            negative_above: with a ``negative_scale``: the negative prompt acts only at noise levels
+                ``sigma / alpha`` at or above this, and its rows are skipped below (0: at every level).
+                A negative against defects then shapes the coarse image without retouching colours
+                late. Default: the model's when the negative prompt has its own scale, else 0.
             sampler / steps / guidance_scale: default to the model's recommendation.
             model: a stand-in for the network called as ``model(x, model_time, cond)`` instead of
                 :meth:`model_fn` (e.g. a :class:`noisewise.serving.ForwardBatcher` over it).
@@ -353,13 +358,18 @@ class Pipeline:
         if not (0.0 <= w <= MAX_GUIDANCE) or w != w:
             raise ValueError(f"guidance_scale must be from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
         neg = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
-        from ..guidance.guided import _map, check_negative_scale
+        from ..guidance.guided import _map, check_negative_above, check_negative_scale, check_noise_level
 
         if negative_scale is None and sampler_options.get("guidance") is None:
             negative_scale = self.defaults.get("negative_scale")  # a guidance method gets the replacing negative
         neg_scale = check_negative_scale(negative_scale)
+        if negative_above is not None:
+            above = check_noise_level(negative_above, "negative_above")
+        else:  # the model's gate goes with its weighted negative; a replacing one has none
+            above = float(self.defaults.get("negative_above", 0.0)) if neg_scale is not None else 0.0
         if not neg.strip():
-            neg_scale = None  # no negative prompt: nothing to weigh
+            neg_scale, above = None, 0.0  # no negative prompt: nothing to weigh or gate
+        above = check_negative_above(above, neg_scale)
         for p in dict.fromkeys(prompts):
             if not p.strip():
                 logger.warning("empty prompt: sampling unconditionally (only the negative prompt steers)")
@@ -398,7 +408,7 @@ class Pipeline:
             both = self.encode_prompt(["", neg])
             uncond = _map(lambda t: t[:1].expand(len(prompts), *t.shape[1:]), both)
             guide_kw = {"negative": _map(lambda t: t[1:].expand(len(prompts), *t.shape[1:]), both),
-                        "negative_scale": neg_scale}
+                        "negative_scale": neg_scale, "negative_above": above}
         scale: Any = w
         if composed.composition is not None:
             sampler_options = {**sampler_options, "composition": composed.composition}
@@ -420,6 +430,7 @@ class Pipeline:
         meta = [
             {
                 "prompt": p, "negative_prompt": neg, **({"negative_scale": neg_scale} if neg_scale is not None else {}),
+                **({"negative_above": above} if neg_scale is not None else {}),  # a rerun must not take the model's
                 "model": self.name, "sampler": sampler, "steps": steps,
                 "guidance_scale": w, "seed": s, "sampler_options": {k: v for k, v in sampler_options.items()
                                                                       if isinstance(v, (int, float, str, bool))},
