@@ -530,6 +530,8 @@ def test_defaults_negative_scales_parse_and_refuse_bad_values(capsys):
     with pytest.raises(SystemExit):
         parse(["defaults", "--confirm-tries", "0"])
     assert "a whole number >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--confirm-seeds \\[3, 4\\] must be fresh"):
+        ts.cmd_defaults(parse(["defaults", "--negative-seeds", "1", "2", "3", "--confirm-seeds", "3", "4"]))
     for bad, says in (("-1", "negative_scale must be a finite number >= 0"), ("nan", "finite number"),
                       ("inf", "finite number"), ("lots", "'replace' or a number >= 0")):
         with pytest.raises(SystemExit):

@@ -488,18 +488,18 @@ def cuts_defects(rate: float, baseline: float, cut: float = 3.0) -> bool:
     return rate <= baseline / cut + 1e-12
 
 
-def rank_negative(scores: dict[tuple[str, Any], dict[str, float]], baseline: float,
-                  cut: float = 3.0) -> list[tuple[str, Any]]:
-    """The (negative prompt, negative scale) settings whose probe cuts the defect rate to at most
-    ``baseline / cut`` (``baseline``: the rate with no negative prompt at the same guidance), best
-    first: the highest mean accuracy, among equals the cheaper one (``REPLACE``: two rows per step, a
-    scale three) and the smaller scale."""
+def rank_negative(scores: dict[tuple[Any, ...], dict[str, float]], baseline: float,
+                  cut: float = 3.0) -> list[tuple[Any, ...]]:
+    """The negative settings ``(prompt, scale or REPLACE[, negative_above])`` whose probe cuts the
+    defect rate to at most ``baseline / cut`` (``baseline``: the rate with no negative prompt at the
+    same guidance), best first: the highest mean accuracy, among equals the cheaper one (``REPLACE``:
+    two rows per step, a scale three), the smaller scale, the higher ``negative_above``."""
     met = [k for k, acc in scores.items() if cuts_defects(acc["defect_rate"], baseline, cut)]
     return sorted(met, key=lambda k: (-round(mean_accuracy(scores[k]), 6), _negative_cost(k)))
 
 
-def choose_negative(scores: dict[tuple[str, Any], dict[str, float]], baseline: float,
-                    cut: float = 3.0) -> tuple[tuple[str, Any], bool]:
+def choose_negative(scores: dict[tuple[Any, ...], dict[str, float]], baseline: float,
+                    cut: float = 3.0) -> tuple[tuple[Any, ...], bool]:
     """The best of :func:`rank_negative`; when none reaches the cut: the lowest defect rate (then the
     highest accuracy, then the cheaper). Returns the choice and whether it reached the cut."""
     ranked = rank_negative(scores, baseline, cut)
@@ -514,8 +514,8 @@ def _negative_record(key: tuple[Any, ...]) -> dict[str, Any]:
     return {"negative_prompt": key[0], "negative_scale": key[1], **({"negative_above": key[2]} if len(key) > 2 else {})}
 
 
-def confirm_negative(ranked: list[tuple[str, Any]], measure: Callable[[tuple[str, Any]], dict[str, float]],
-                     baseline: float, cut: float = 3.0, tries: int = 3) -> tuple[tuple[str, Any] | None, list[dict]]:
+def confirm_negative(ranked: list[tuple[Any, ...]], measure: Callable[[tuple[Any, ...]], dict[str, float]],
+                     baseline: float, cut: float = 3.0, tries: int = 3) -> tuple[tuple[Any, ...] | None, list[dict]]:
     """Re-measure the probe's best settings (``ranked``, from :func:`rank_negative`) on fresh seeds
     (``measure(key)``; ``baseline``: the rate with no negative prompt on those seeds), best first, up
     to ``tries`` of them: the first whose fresh defect rate also cuts to ``baseline / cut`` is kept.
@@ -536,11 +536,15 @@ def cmd_defaults(a: argparse.Namespace) -> None:
     """Choose each denoiser's generation defaults for this run's models with the run's own evaluator,
     on ``--n-prompts`` prompts drawn apart from the benchmark's: the guidance scale with no negative
     prompt (:func:`choose_guidance`: the best mean of the accuracies and the clean share), then at
-    that scale the negative prompt and negative scale (:func:`choose_negative`: the most accurate
-    one that cuts the defect rate to a third), confirmed on ``--confirm-seeds`` (:func:`confirm_negative`:
-    the pick must cut the defect rate on fresh seeds too, else the next one is tried). Keeps the
+    that scale the negative prompt, negative scale and ``negative_above`` (:func:`choose_negative`:
+    the most accurate one that cuts the defect rate to a third), confirmed on ``--confirm-seeds``
+    (:func:`confirm_negative`: the pick must cut the defect rate on fresh seeds too, else the next one
+    is tried). Keeps the
     default sampler and steps; writes ``<run>/export/defaults.json``, which ``export`` writes into the
     model folders."""
+    if set(a.confirm_seeds) & set(a.negative_seeds):
+        raise SystemExit(f"--confirm-seeds {a.confirm_seeds} must be fresh: leave out the --negative-seeds "
+                         f"{a.negative_seeds} the probe chose on")
     t0 = time.time()
     run = Path(a.run)
     flat = run / "export"
@@ -583,7 +587,8 @@ def cmd_defaults(a: argparse.Namespace) -> None:
             fresh = prober.accuracy(pipe, seeds=a.confirm_seeds, guidance_scale=best, negative_prompt="")
             log.info("%s confirmation, no negative prompt, seeds %s: %s", kind, a.confirm_seeds, json.dumps(fresh))
 
-            def measure(key: tuple[str, Any, float]) -> dict[str, float]:
+            def measure(key: tuple[Any, ...], pipe: Any = pipe, best: float = best,
+                        kind: str = kind) -> dict[str, float]:
                 acc = prober.accuracy(pipe, seeds=a.confirm_seeds, guidance_scale=best, **negative_kwargs(key))
                 log.info("%s confirmation, %s: %s", kind, _negative_record(key), json.dumps(acc))
                 return acc
@@ -949,8 +954,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=cmd_samples)
 
-    s = sub.add_parser("defaults", help="choose each denoiser's default guidance scale, negative prompt and negative "
-                                        "scale with the run's evaluator")
+    s = sub.add_parser("defaults", help="choose each denoiser's default guidance scale, negative prompt, negative "
+                                        "scale and negative_above with the run's evaluator, the defect cut "
+                                        "confirmed on fresh seeds")
     s.add_argument("--run", default="runs/shapes")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--text-encoder", default=None)
