@@ -214,6 +214,22 @@ def test_negative_scale_field(tmp_path):
         jobs.read_items(p, jobs.JobDefaults(negative_scale=float("nan")))
 
 
+def test_negative_above_field(tmp_path):
+    """A line's ``negative_above`` (or the job's) reaches the pipeline: the same image as in Python."""
+    from noisewise.pipeline import Pipeline
+
+    p = tmp_path / "gate.jsonl"
+    p.write_text(json.dumps({"prompt": "a red circle", "steps": 3, "seed": 3, "negative_scale": 1.0, "id": "g"}) + "\n")
+    out = tmp_path / "out"
+    assert jobs.run_batch(jobs.read_items(p, jobs.JobDefaults(negative_above=1.0)), out, progress=False).done == 1
+    rec = json.loads((out / "g.json").read_text())
+    direct = Pipeline.from_pretrained("shapes-vp")("a red circle", steps=3, seed=3, negative_scale=1.0,
+                                                  negative_above=1.0)
+    assert np.array_equal(_images(out, rec)[0], direct.images[0]) and rec["metadata"][0]["negative_above"] == 1.0
+    p.write_text(json.dumps({"prompt": "a", "negative_above": 0.5}) + "\n")
+    assert [i["negative_above"] for i in jobs.read_items(p, jobs.JobDefaults(negative_above=1.0))] == [0.5]
+
+
 def test_cli_batch_negative_scale_default(tmp_path):
     from tests.test_cli_generate import run_cli
 

@@ -12,6 +12,7 @@ FIELDS = {  # request field -> (its range, the command-line option)
     "steps": (limits.STEPS, "--steps"),
     "guidance_scale": (limits.GUIDANCE_SCALE, "--guidance-scale"),
     "negative_scale": (limits.NEGATIVE_SCALE, "--negative-scale"),
+    "negative_above": (limits.NEGATIVE_ABOVE, "--negative-above"),
     "seed": (limits.SEED, "--seed"),
     "num_images": (limits.NUM_IMAGES, "--num-images"),
 }

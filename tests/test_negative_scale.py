@@ -312,3 +312,10 @@ def test_http_negative_scale() -> None:
         assert r.json()["images"][0]["metadata"]["negative_scale"] == 0.5
         bad = client.post("/v1/generate", json={"prompt": "a red circle", "negative_scale": -1})
         assert bad.status_code == 422 and "negative_scale" in bad.text
+        # the gate: stored, the same image as in Python; without a scale (the shipped vp replaces) a clear 422
+        r = client.post("/v1/generate", json={"prompt": "a red circle", "steps": 3, "seed": 1, "negative_scale": 0.5,
+                                              "negative_above": 1.0})
+        assert r.status_code == 200, r.text
+        assert r.json()["images"][0]["metadata"]["negative_above"] == 1.0
+        bad = client.post("/v1/generate", json={"prompt": "a red circle", "steps": 3, "negative_above": 1.0})
+        assert bad.status_code == 422 and "give negative_scale= too" in bad.text

@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the negative prompt's own weight s: D(u) + w (D(c) - D(u)) - s (D(neg) - D(u)), one more "
                         "network row per image (default: the model's; for a model without one the negative prompt "
                         "replaces the unconditional branch, which is s = guidance scale - 1)")
-    g.add_argument("--negative-above", type=_float_range(0.0, 1e6, "--negative-above"), default=None,
+    g.add_argument("--negative-above", type=_float_range(*limits.NEGATIVE_ABOVE, "--negative-above"), default=None,
                    help="with a negative scale: the negative prompt acts only at noise levels sigma/alpha at or "
                         "above this, so it steers the coarse image without retouching colours late (0 = every "
                         "level; default: the model's)")

@@ -14,6 +14,7 @@ from typing import Any
 STEPS = (1, 1000)
 GUIDANCE_SCALE = (0.0, 50.0)
 NEGATIVE_SCALE = (0.0, 50.0)
+NEGATIVE_ABOVE = (0.0, 1000.0)  # a noise level sigma / alpha (docs/guidance.md)
 SEED = (0, 2**62)
 NUM_IMAGES = (1, 64)
 

@@ -55,6 +55,10 @@ class GenerateRequest(BaseModel):
         description="the negative prompt's own weight s: D(u) + w (D(c) - D(u)) - s (D(neg) - D(u)), one more "
                     "network row per image; null = the model's default (for a model without one, the negative "
                     "prompt replaces the unconditional branch, which is s = guidance_scale - 1)")
+    negative_above: float | None = Field(
+        None, ge=limits.NEGATIVE_ABOVE[0], le=limits.NEGATIVE_ABOVE[1],
+        description="with a negative scale: the negative prompt acts only at noise levels sigma/alpha at or above "
+                    "this (0 = every level); null = the model's default")
     model: str | None = Field(None, pattern=NAME_PATTERN,
                               description="a model name from GET /v1/models (names only, never paths)")
     preset: str | None = Field(None, pattern=NAME_PATTERN, description="a preset from GET /v1/presets")

@@ -1,7 +1,7 @@
 """Batch jobs: ``noisewise batch prompts.jsonl --out DIR`` on a local engine or a Ray actor pool.
 
-Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "negative_scale"?, "model"?,
-"sampler"?, "steps"?, "guidance_scale"?, "compose"?, "seed"?, "num_images"?, "id"?, "image"?, "strength"?}``;
+Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "negative_scale"?, "negative_above"?,
+"model"?, "sampler"?, "steps"?, "guidance_scale"?, "compose"?, "seed"?, "num_images"?, "id"?, "image"?, "strength"?}``;
 missing fields take the job's defaults, a missing seed is ``base_seed + line index`` (so a job is
 reproducible as a whole). Every line is checked when the file is read, numbers against the ranges
 ``noisewise generate`` and the HTTP API accept (:mod:`noisewise.limits`), so a bad line stops the job
@@ -34,8 +34,8 @@ from .. import limits
 
 logger = logging.getLogger(__name__)
 
-ITEM_FIELDS = ("id", "prompt", "negative_prompt", "negative_scale", "model", "sampler", "steps", "guidance_scale",
-               "compose", "seed", "num_images", "image", "strength")
+ITEM_FIELDS = ("id", "prompt", "negative_prompt", "negative_scale", "negative_above", "model", "sampler", "steps",
+               "guidance_scale", "compose", "seed", "num_images", "image", "strength")
 # the composition modes a job (over HTTP, in a batch file) may ask for (docs/composition.md); None = the model's default
 ComposeMode = Literal["off", "and", "regions"]
 COMPOSE_MODES: tuple[str, ...] = get_args(ComposeMode)
@@ -52,6 +52,7 @@ class JobDefaults:
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     negative_scale: float | None = None
+    negative_above: float | None = None
     compose: str | None = None
     num_images: int = 1
     base_seed: int = 0
@@ -100,6 +101,7 @@ def _checked_item(raw: dict[str, Any], d: JobDefaults, index: int) -> dict[str, 
         "prompt": raw.get("prompt", ""),
         "negative_prompt": raw.get("negative_prompt", d.negative_prompt),
         "negative_scale": raw.get("negative_scale", d.negative_scale),
+        "negative_above": raw.get("negative_above", d.negative_above),
         "model": raw.get("model", d.model),
         "sampler": raw.get("sampler", d.sampler),
         "steps": raw.get("steps", d.steps),
@@ -124,7 +126,8 @@ def _checked_item(raw: dict[str, Any], d: JobDefaults, index: int) -> dict[str, 
     item["num_images"] = limits.check_int(item["num_images"], limits.NUM_IMAGES, "num_images")
     if item["steps"] is not None:  # None: the model's default
         item["steps"] = limits.check_int(item["steps"], limits.STEPS, "steps")
-    for key, bounds in (("guidance_scale", limits.GUIDANCE_SCALE), ("negative_scale", limits.NEGATIVE_SCALE)):
+    for key, bounds in (("guidance_scale", limits.GUIDANCE_SCALE), ("negative_scale", limits.NEGATIVE_SCALE),
+                        ("negative_above", limits.NEGATIVE_ABOVE)):
         if item[key] is not None:
             item[key] = limits.check_float(item[key], bounds, key)
     return item
@@ -199,7 +202,7 @@ class ItemRunner:
         if init is not None:
             extra.update(image=init.pixels, strength=item["strength"])
         res = pipe(item["prompt"], negative_prompt=item["negative_prompt"], negative_scale=item.get("negative_scale"),
-                   num_images=item["num_images"],
+                   negative_above=item.get("negative_above"), num_images=item["num_images"],
                    seed=item["seed"], sampler=sampler, steps=item["steps"], guidance_scale=item["guidance_scale"],
                    compose=item.get("compose"), **extra)
         meta = [dict(m, id=item["id"]) for m in res.metadata]
