@@ -56,16 +56,12 @@ def main(argv: list[str] | None = None) -> None:
                                              negative_prompt=a.negative_prompt,
                                              negative_scale=a.negative_scale,
                                              negative_above=a.negative_above).items() if not k.startswith("rate_")}
-    negative = pipe.defaults["negative_prompt"] if a.negative_prompt is None else a.negative_prompt
-    scale = a.negative_scale if a.negative_scale is not None else pipe.defaults.get("negative_scale")
-    if not negative.strip():
-        scale = None  # no negative prompt: nothing weighed or gated (as the pipeline does)
+    negative, scale, above = pipe.resolve_negative(a.negative_prompt, a.negative_scale, a.negative_above)
     row = {"run": str(run), "kind": a.kind, "steps": meta["steps"], "batch_size": meta["batch_size"],
            "lr": meta["lr"], "guidance": a.guidance,
            "negative_prompt": negative,
            "negative_scale": scale,
-           "negative_above": (0.0 if scale is None else a.negative_above if a.negative_above is not None
-                              else pipe.defaults.get("negative_above", 0.0)),
+           "negative_above": above,
            "seeds": a.seeds, "n_prompts": a.n_prompts,
            "evaluator": a.evaluator, **{k: round(v, 4) for k, v in mean.items()},
            "seconds": round(time.time() - t0, 1)}

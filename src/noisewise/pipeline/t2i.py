@@ -242,6 +242,27 @@ class Pipeline:
             return {k: v.to(self.device) for k, v in out.items()}  # type: ignore[return-value]
         return out.to(self.device)
 
+    def resolve_negative(self, negative_prompt: str | None = None, negative_scale: float | None = None,
+                         negative_above: float | None = None, guidance: Any = None) -> tuple[str, float | None, float]:
+        """The negative prompt, its own scale (None: it replaces the unconditional branch) and the noise
+        level it acts at or above, as a call with these arguments uses them: the model's defaults filled
+        in, then checked. A ``guidance=`` method gets the replacing negative, not the model's scale; the
+        model's ``negative_above`` goes with a weighted negative only; no negative prompt weighs or
+        gates nothing."""
+        from ..guidance.guided import check_negative_above, check_negative_scale, check_noise_level
+
+        neg = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
+        if negative_scale is None and guidance is None:
+            negative_scale = self.defaults.get("negative_scale")
+        neg_scale = check_negative_scale(negative_scale)
+        if negative_above is not None:
+            above = check_noise_level(negative_above, "negative_above")
+        else:
+            above = float(self.defaults.get("negative_above", 0.0)) if neg_scale is not None else 0.0
+        if not neg.strip():
+            neg_scale, above = None, 0.0
+        return neg, neg_scale, check_negative_above(above, neg_scale)
+
     def initial_noise(self, seeds: Sequence[int]) -> Tensor:
         """One standard-normal latent per seed (CPU generator: identical on every device)."""
         noise = [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -357,19 +378,10 @@ class Pipeline:
         w = float(guidance_scale if guidance_scale is not None else self.defaults["guidance_scale"])
         if not (0.0 <= w <= MAX_GUIDANCE) or w != w:
             raise ValueError(f"guidance_scale must be from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
-        neg = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
-        from ..guidance.guided import _map, check_negative_above, check_negative_scale, check_noise_level
+        from ..guidance.guided import _map
 
-        if negative_scale is None and sampler_options.get("guidance") is None:
-            negative_scale = self.defaults.get("negative_scale")  # a guidance method gets the replacing negative
-        neg_scale = check_negative_scale(negative_scale)
-        if negative_above is not None:
-            above = check_noise_level(negative_above, "negative_above")
-        else:  # the model's gate goes with its weighted negative; a replacing one has none
-            above = float(self.defaults.get("negative_above", 0.0)) if neg_scale is not None else 0.0
-        if not neg.strip():
-            neg_scale, above = None, 0.0  # no negative prompt: nothing to weigh or gate
-        above = check_negative_above(above, neg_scale)
+        neg, neg_scale, above = self.resolve_negative(negative_prompt, negative_scale, negative_above,
+                                                      guidance=sampler_options.get("guidance"))
         for p in dict.fromkeys(prompts):
             if not p.strip():
                 logger.warning("empty prompt: sampling unconditionally (only the negative prompt steers)")
