@@ -23,7 +23,10 @@ needs_weights = pytest.mark.skipif(not SHIPPED, reason="shipped shapes weights n
 
 @pytest.fixture(scope="module", autouse=True)
 def _threads():
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)  # later modules (e.g. test_batch's engine comparison) get the process's own
 
 
 @pytest.fixture(scope="module")
