@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
             key = f"{name} ({label})"
             results[key] = {**acc, "sampler": d["sampler"], "steps": d["steps"], "guidance_scale": d["guidance_scale"],
                             "negative_prompt": d["negative_prompt"] if neg is None else "",
-                            **({"negative_scale": d["negative_scale"], "negative_above": d.get("negative_above", 0.0)}
+                            **({"negative_scale": d["negative_scale"], "negative_above": d.get("negative_above", 0.0),
+                                "negative_perpendicular": d.get("negative_perpendicular", False)}
                                if neg is None and d.get("negative_scale") is not None else {})}
             print(key, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in acc.items()}), flush=True)
             if ev2 is not None:

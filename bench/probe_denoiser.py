@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--negative-above", type=float, default=None,
                    help="with a negative scale: the negative acts only at noise levels sigma/alpha at or above this "
                         "(default: the model's)")
+    p.add_argument("--negative-perpendicular", action=argparse.BooleanOptionalAction, default=None,
+                   help="with a negative scale: subtract only the negative's part perpendicular to the prompt's "
+                        "direction (default: the model's)")
+    p.add_argument("--two-objects", action="store_true",
+                   help="keep only those of the --n-prompts prompts that name two objects (where colours leak "
+                        "between objects)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="append the result as a json line here")
     a = p.parse_args(argv)
@@ -50,19 +56,28 @@ def main(argv: list[str] | None = None) -> None:
     meta = json.loads((run / "export" / f"unet-{a.kind}.json").read_text())
     probe = TS._Probe(argparse.Namespace(run=a.run, device="cpu", n_prompts=a.n_prompts, text_encoder=None),
                       prompt_seed=TS.DEFAULTS_PROMPT_SEED, evaluator=a.evaluator)
+    if a.two_objects:
+        keep = [i for i, r in enumerate(probe.requests) if len(r.objects) == 2]
+        if not keep:
+            raise SystemExit(f"none of the {a.n_prompts} prompts names two objects: raise --n-prompts")
+        probe.prompts, probe.requests = [probe.prompts[i] for i in keep], [probe.requests[i] for i in keep]
     pipe = probe.pipeline(run / "weights" / f"shapes-{a.kind}")
     t0 = time.time()
     mean = {k: v for k, v in probe.seed_mean(pipe, a.seeds, guidance_scale=a.guidance,
                                              negative_prompt=a.negative_prompt,
                                              negative_scale=a.negative_scale,
-                                             negative_above=a.negative_above).items() if not k.startswith("rate_")}
-    negative, scale, above = pipe.resolve_negative(a.negative_prompt, a.negative_scale, a.negative_above)
+                                             negative_above=a.negative_above,
+                                             negative_perpendicular=a.negative_perpendicular).items()
+            if not k.startswith("rate_")}
+    negative, scale, above, perp = pipe.resolve_negative(a.negative_prompt, a.negative_scale, a.negative_above,
+                                                         negative_perpendicular=a.negative_perpendicular)
     row = {"run": str(run), "kind": a.kind, "steps": meta["steps"], "batch_size": meta["batch_size"],
            "lr": meta["lr"], "guidance": a.guidance,
            "negative_prompt": negative,
            "negative_scale": scale,
            "negative_above": above,
-           "seeds": a.seeds, "n_prompts": a.n_prompts,
+           "negative_perpendicular": perp,
+           "seeds": a.seeds, "n_prompts": len(probe.prompts), "two_objects": a.two_objects,
            "evaluator": a.evaluator, **{k: round(v, 4) for k, v in mean.items()},
            "seconds": round(time.time() - t0, 1)}
     print(json.dumps(row))

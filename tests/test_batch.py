@@ -230,16 +230,41 @@ def test_negative_above_field(tmp_path):
     assert [i["negative_above"] for i in jobs.read_items(p, jobs.JobDefaults(negative_above=1.0))] == [0.5]
 
 
+def test_negative_perpendicular_field(tmp_path):
+    """A line's ``negative_perpendicular`` (or the job's) reaches the pipeline: the same image as in
+    Python; a non-boolean stops the job when the file is read, naming its line."""
+    from noisewise.pipeline import Pipeline
+
+    p = tmp_path / "perp.jsonl"
+    p.write_text(json.dumps({"prompt": "a red circle", "steps": 3, "seed": 3, "negative_scale": 1.0, "id": "q"}) + "\n")
+    out = tmp_path / "out"
+    items = jobs.read_items(p, jobs.JobDefaults(negative_perpendicular=True))
+    assert jobs.run_batch(items, out, progress=False).done == 1
+    rec = json.loads((out / "q.json").read_text())
+    direct = Pipeline.from_pretrained("shapes-vp")("a red circle", steps=3, seed=3, negative_scale=1.0,
+                                                  negative_perpendicular=True)
+    assert np.array_equal(_images(out, rec)[0], direct.images[0])
+    assert rec["metadata"][0]["negative_perpendicular"] is True
+    p.write_text(json.dumps({"prompt": "a", "negative_perpendicular": False}) + "\n")
+    assert [i["negative_perpendicular"] for i in jobs.read_items(p, jobs.JobDefaults(negative_perpendicular=True))] \
+        == [False]
+    p.write_text(json.dumps({"prompt": "a", "negative_perpendicular": "yes"}) + "\n")
+    with pytest.raises(ValueError, match=r"perp.jsonl:1: negative_perpendicular must be true, false or null"):
+        jobs.read_items(p)
+
+
 def test_cli_batch_negative_scale_default(tmp_path):
     from tests.test_cli_generate import run_cli
 
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"prompt": "a red circle", "steps": 2, "id": "a"}) + "\n"
                  + json.dumps({"prompt": "a blue square", "steps": 2, "id": "b", "negative_scale": 1.5}) + "\n")
-    r = run_cli("batch", str(p), "--out", str(tmp_path / "out"), "--negative-scale", "0.5", "--quiet")
+    r = run_cli("batch", str(p), "--out", str(tmp_path / "out"), "--negative-scale", "0.5", "--negative-perpendicular",
+                "--quiet")
     assert r.returncode == 0, r.stderr
-    got = [json.loads((tmp_path / "out" / f"{i}.json").read_text())["metadata"][0]["negative_scale"] for i in "ab"]
-    assert got == [0.5, 1.5]
+    meta = [json.loads((tmp_path / "out" / f"{i}.json").read_text())["metadata"][0] for i in "ab"]
+    assert [m["negative_scale"] for m in meta] == [0.5, 1.5]
+    assert [m["negative_perpendicular"] for m in meta] == [True, True]
     bad = run_cli("batch", str(p), "--out", str(tmp_path / "bad"), "--negative-scale", "-1")
     assert bad.returncode != 0 and "--negative-scale must be from 0 to 50, got -1" in bad.stderr
     assert "Traceback" not in bad.stderr

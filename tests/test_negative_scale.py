@@ -169,6 +169,75 @@ def test_negative_above_is_checked() -> None:
               **kw)
 
 
+def _perp(d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``d`` less its projection on ``p``, row by row (the Perp-Neg formula, written out here)."""
+    return d - ((d * p).sum(1, keepdim=True) / (p * p).sum(1, keepdim=True)) * p
+
+
+def test_negative_perpendicular_subtracts_only_the_part_across_the_prompt() -> None:
+    """``negative_perpendicular``: ``D(u) + P - s perp(D(n) - D(u), P)``, ``P`` the guided direction
+    (``w (D(c) - D(u))``, plus the components in the composed denoiser), on the exact mixture; the
+    term is orthogonal to ``P``; same rows and NFE as the plain negative; a zero direction keeps the
+    plain term."""
+    x, cond, neg = x_(3, seed=3), torch.tensor([0, 2, 3]), torch.tensor([1])
+    u = post(x, -1)
+    P = 2.0 * (post(x, cond) - u)
+    nd = post(x, 1) - u
+    ref = u + P - 1.5 * _perp(nd, P)
+    assert torch.allclose((_perp(nd, P) * P).sum(1), torch.zeros(3, dtype=F64), atol=1e-12)
+    assert (ref - (u + P - 1.5 * nd)).abs().max() > 1e-3  # the projection changes the result here
+    spy = Spy()
+    d = GuidedDenoiser(spy, cond=cond, uncond=UNCOND, negative=neg, negative_scale=1.5, negative_perpendicular=True,
+                       guidance_scale=2.0)
+    assert torch.allclose(d(x, LEVEL), ref, atol=1e-12, rtol=0)
+    assert len(spy.calls[0]) == 9 and d.nfe == 3
+    plain = GuidedDenoiser(Spy(), cond=cond, uncond=UNCOND, negative=neg, negative_scale=1.5, guidance_scale=2.0)
+    assert torch.allclose(plain(x, LEVEL), u + P - 1.5 * nd, atol=1e-12, rtol=0)
+    # composed: the direction is the sum of the full prompt's and the components' terms
+    spy = Spy()
+    c = ComposedDenoiser(spy, cond=cond, guide=UNCOND.expand(3), guidance_scale=2.0, negative=neg.expand(3),
+                         negative_scale=1.5, negative_perpendicular=True,
+                         composition=Composition(torch.tensor([2]), owner=[0], weight=[0.7]))
+    Pc = P.clone()
+    Pc[0] += 0.7 * (post(x[:1], 2) - u[:1])[0]
+    assert torch.allclose(c(x, LEVEL), u + Pc - 1.5 * _perp(nd, Pc), atol=1e-12, rtol=0)
+    assert len(spy.calls[0]) == 10 and c.nfe == 4
+    # w = 1 with no components: P = D(c) - D(u) still; a sample whose direction is zero keeps the plain term
+    same = GuidedDenoiser(Spy(), cond=torch.tensor([-1, 0]), uncond=UNCOND, negative=neg, negative_scale=1.0,
+                          negative_perpendicular=True, guidance_scale=2.0, batch=2)
+    x2 = x[:2]
+    u2, nd2 = post(x2, -1), post(x2, 1) - post(x2, -1)
+    out = same(x2, LEVEL)
+    assert torch.allclose(out[0], u2[0] - nd2[0], atol=1e-12, rtol=0)
+    P2 = 2.0 * (post(x2[1:], 0) - u2[1:])
+    assert torch.allclose(out[1:], u2[1:] + P2 - _perp(nd2[1:], P2), atol=1e-12, rtol=0)
+    # through nw.sample, and gated together with negative_above
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(6), dtype=F64)
+    opts = dict(schedule=SCHED, sampler="dpmpp_2m", steps=8, cond=torch.tensor([0]), uncond=UNCOND,
+                negative=torch.tensor([1]), guidance_scale=3.0, negative_scale=1.0)
+    model = GMM.model(SCHED)
+    full = nw.sample(model, z, **opts)
+    perp = nw.sample(model, z, negative_perpendicular=True, **opts)
+    assert torch.equal(nw.sample(model, z, negative_perpendicular=False, **opts), full)
+    assert (perp - full).abs().max() > 1e-3
+    off = nw.sample(model, z, **{**opts, "negative_scale": 0.0})
+    gated = nw.sample(model, z, negative_perpendicular=True, negative_above=1e9, **opts)
+    assert torch.allclose(gated, off, atol=1e-12, rtol=0)
+
+
+def test_negative_perpendicular_is_checked() -> None:
+    for bad in (1, 0, "yes", None):
+        with pytest.raises(ValueError, match="negative_perpendicular must be True or False"):
+            GuidedDenoiser(Spy(), cond=torch.tensor([0]), uncond=UNCOND, negative=torch.tensor([1]),
+                           negative_scale=1.0, negative_perpendicular=bad, guidance_scale=2.0)
+    for d in (GuidedDenoiser, ComposedDenoiser):  # a replacing negative has no term of its own to project
+        kw = {"uncond": UNCOND} if d is GuidedDenoiser else {"guide": UNCOND}
+        with pytest.raises(ValueError, match="negative_perpendicular=True projects the negative prompt's own "
+                                             "term: give negative_scale= too"):
+            d(Spy(), cond=torch.tensor([0]), negative=torch.tensor([1]), negative_perpendicular=True,
+              guidance_scale=2.0, **kw)
+
+
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), True, "1"])
 def test_bad_negative_scales_are_refused(bad) -> None:
     with pytest.raises(ValueError, match="negative_scale must be a finite number >= 0"):
@@ -276,6 +345,42 @@ def test_pipeline_negative_above(pipe) -> None:
     assert "negative_above" not in pipe(prompts, steps=2, negative_prompt="", negative_above=1.0).metadata[0]
 
 
+def test_pipeline_negative_perpendicular(pipe) -> None:
+    """Perp-Neg in the pipeline: same rows, stored (False too, with a weighted negative), reproduced,
+    the model's default taken only with a weighted negative."""
+    prompts = ["a red circle on the left", "a blue square at the top"]
+    plain = pipe(prompts, seed=2, steps=4, compose="off", negative_scale=1.0)
+    assert plain.metadata[0]["negative_perpendicular"] is False
+    spy = RowSpy(pipe)
+    perp = pipe(prompts, seed=2, steps=4, compose="off", negative_scale=1.0, negative_perpendicular=True, model=spy)
+    assert spy.rows == [6] * 4 and perp.nfe == 12
+    assert perp.metadata[0]["negative_perpendicular"] is True and not np.array_equal(perp.images, plain.images)
+    m = perp.metadata[1]
+    again = pipe(m["prompt"], seed=m["seed"], steps=4, compose=m["compose"], negative_prompt=m["negative_prompt"],
+                 negative_scale=m["negative_scale"], negative_above=m["negative_above"],
+                 negative_perpendicular=m["negative_perpendicular"])
+    assert np.array_equal(again.images[0], perp.images[1])
+    saved = dict(pipe.defaults)
+    try:
+        pipe.defaults.update({"negative_scale": 1.0, "negative_perpendicular": True})
+        assert np.array_equal(pipe(prompts, seed=2, steps=4, compose="off").images, perp.images)
+        # the stored False reproduces the plain image under a model whose default projects
+        assert np.array_equal(pipe(prompts, seed=2, steps=4, compose="off", negative_perpendicular=False).images,
+                              plain.images)
+        # a replacing negative (a guidance method) does not take the model's projection
+        assert "negative_perpendicular" not in pipe(prompts, seed=2, steps=2, guidance="apg").metadata[0]
+    finally:
+        pipe.defaults.clear()
+        pipe.defaults.update(saved)
+    with pytest.raises(ValueError, match="give negative_scale= too"):
+        pipe(prompts, steps=2, negative_perpendicular=True)  # the shipped vp replaces the unconditional branch
+    with pytest.raises(ValueError, match="negative_perpendicular must be True or False"):
+        pipe(prompts, steps=2, negative_scale=1.0, negative_perpendicular="yes")
+    # no negative prompt: nothing to project
+    none = pipe(prompts, steps=2, negative_prompt="", negative_perpendicular=True)
+    assert "negative_perpendicular" not in none.metadata[0]
+
+
 def test_cli_negative_scale_is_stored_and_checked(tmp_path) -> None:
     from PIL import Image
 
@@ -292,7 +397,12 @@ def test_cli_negative_scale_is_stored_and_checked(tmp_path) -> None:
                 "--out", str(out), "--device", "cpu", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads(Image.open(out).text["parameters"])["negative_above"] == 1.0
+    r = run_cli("generate", "a red circle", "--steps", "2", "--negative-scale", "0.75", "--negative-perpendicular",
+                "--out", str(out), "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(Image.open(out).text["parameters"])["negative_perpendicular"] is True
     for args, says in ((["--negative-above", "-1"], "--negative-above"),
+                       (["--negative-perpendicular"], "give negative_scale= too"),
                        (["--negative-above", "1"], "give negative_scale= too")):  # the shipped vp replaces
         bad = run_cli("generate", "a red circle", "--steps", "2", *args, "--out", str(out), "--device", "cpu")
         assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
@@ -319,3 +429,18 @@ def test_http_negative_scale() -> None:
         assert r.json()["images"][0]["metadata"]["negative_above"] == 1.0
         bad = client.post("/v1/generate", json={"prompt": "a red circle", "steps": 3, "negative_above": 1.0})
         assert bad.status_code == 422 and "give negative_scale= too" in bad.text
+        # Perp-Neg: stored, the same image as in Python; refused without a scale and for a non-boolean
+        body = {"prompt": "a red circle", "steps": 3, "seed": 1, "negative_scale": 0.5, "negative_perpendicular": True}
+        r = client.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["images"][0]["metadata"]["negative_perpendicular"] is True
+        from noisewise.pipeline import Pipeline
+        from tests.test_server import _png
+
+        py = Pipeline.from_pretrained("shapes-vp")("a red circle", steps=3, seed=1, negative_scale=0.5,
+                                                   negative_perpendicular=True)
+        assert np.array_equal(_png(r.json()["images"][0]["png_base64"]), py.images[0])
+        bad = client.post("/v1/generate", json={"prompt": "a red circle", "steps": 3, "negative_perpendicular": True})
+        assert bad.status_code == 422 and "give negative_scale= too" in bad.text
+        bad = client.post("/v1/generate", json={"prompt": "a red circle", "negative_perpendicular": "sometimes"})
+        assert bad.status_code == 422 and "negative_perpendicular" in bad.text

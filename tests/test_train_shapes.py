@@ -382,29 +382,33 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     ts.main(["evaluator", "--run", run, "--device", "cpu", "--steps", "2", "--batch-size", "8", "--no-progress"])
     ts.main(["defaults", "--run", run, "--device", "cpu", "--n-prompts", "4", "--guidance", "1", "6",
              "--negative-prompts", "blurry", "--negative-scales", "replace", "0.5", "--negative-seeds", "1", "2",
-             "--negative-above", "0", "0.4", "--confirm-seeds", "3", "--dest", str(tmp_path / "models")])
+             "--negative-above", "0", "0.4", "--negative-perpendicular", "off", "on", "--confirm-seeds", "3",
+             "--dest", str(tmp_path / "models")])
     chosen = json.loads((tmp_path / "export" / "defaults.json").read_text())
     probe = {float(w): acc for w, acc in chosen["probe"]["flow"].items()}
     assert sorted(probe) == [1.0, 6.0] and "vp" not in chosen["defaults"]  # only flow was trained
     best = ts.choose_guidance(probe)
     neg = chosen["negative_probe"]["flow"]
     assert neg["guidance_scale"] == best and neg["seeds"] == [1, 2]
-    cands = {(c["negative_prompt"], c["negative_scale"], c["negative_above"]): c for c in neg["candidates"]}
-    assert set(cands) == {("blurry", 0.5, 0.0), ("blurry", 0.5, 0.4), ("blurry", "replace", 0.0)}  # no gated replace
+    cands = {(c["negative_prompt"], c["negative_scale"], c["negative_above"], c["negative_perpendicular"]): c
+             for c in neg["candidates"]}
+    # every weighted scale with and without the gate and the projection; replace alone (no term of its own)
+    assert set(cands) == {("blurry", 0.5, 0.0, False), ("blurry", 0.5, 0.4, False), ("blurry", 0.5, 0.0, True),
+                          ("blurry", 0.5, 0.4, True), ("blurry", "replace", 0.0, False)}
     key, met = ts.choose_negative(cands, neg["baseline"]["defect_rate"])
     assert met == neg["cut_reached"]
     conf = neg["confirmation"]
     if met:  # re-measured on seed 3, best first: the first that held, else the lowest there
         assert conf["seeds"] == [3] and conf["tried"]
         ranked = ts.rank_negative(cands, neg["baseline"]["defect_rate"])
-        assert [(t["negative_prompt"], t["negative_scale"], t["negative_above"])
+        assert [(t["negative_prompt"], t["negative_scale"], t["negative_above"], t["negative_perpendicular"])
                 for t in conf["tried"]] == ranked[:len(conf["tried"])]
         for t in conf["tried"]:
             assert t["confirmed"] == ts.cuts_defects(t["defect_rate"], conf["baseline"]["defect_rate"])
         assert conf["confirmed"] == any(t["confirmed"] for t in conf["tried"])
         kept = next((t for t in conf["tried"] if t["confirmed"]), None) or min(conf["tried"],
                                                                                key=lambda t: t["defect_rate"])
-        key = (kept["negative_prompt"], kept["negative_scale"], kept["negative_above"])
+        key = (kept["negative_prompt"], kept["negative_scale"], kept["negative_above"], kept["negative_perpendicular"])
     else:
         assert conf is None
     want = {**shipped_flow, "guidance_scale": best, "negative_prompt": key[0]}
@@ -412,6 +416,8 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
         want["negative_scale"] = key[1]
     if key[2]:
         want["negative_above"] = key[2]
+    if key[3]:
+        want["negative_perpendicular"] = True
     assert chosen["defaults"]["flow"] == want
     for folder in (tmp_path / "models", tmp_path / "weights"):
         index = json.loads((folder / "shapes-flow" / "model_index.json").read_text())
@@ -446,15 +452,25 @@ def test_small_arch_trains_exports_and_generates(tmp_path):
     for k in ("background", "shape", "color", "size", "position", "defect_rate"):
         want = neg["baseline"][k]
         assert two[k] == pytest.approx(want, abs=6e-4) or (want != want and two[k] != two[k]), k
-    # and a gated candidate reads as the defaults probe read it
+    # and a gated, projected candidate reads as the defaults probe read it
     pd.main(["--run", run, "--kind", "flow", "--evaluator", str(tmp_path / "models" / "shapes-evaluator"),
              "--n-prompts", "4", "--seeds", "1", "2", "--guidance", str(best), "--negative-prompt", "blurry",
-             "--negative-scale", "0.5", "--negative-above", "0.4", "--out", str(rows)])
+             "--negative-scale", "0.5", "--negative-above", "0.4", "--negative-perpendicular", "--out", str(rows)])
     gated = json.loads(rows.read_text().splitlines()[-1])
-    assert (gated["negative_scale"], gated["negative_above"]) == (0.5, 0.4)
+    assert (gated["negative_scale"], gated["negative_above"], gated["negative_perpendicular"]) == (0.5, 0.4, True)
     for k in ("background", "shape", "color", "size", "position", "defect_rate"):
-        want = cands[("blurry", 0.5, 0.4)][k]
+        want = cands[("blurry", 0.5, 0.4, True)][k]
         assert gated[k] == pytest.approx(want, abs=6e-5) or (want != want and gated[k] != gated[k]), k
+    # --two-objects keeps the prompts that name two objects
+    from noisewise.shapes.captions import parse_prompt
+    from noisewise.shapes.evaluator import benchmark_prompts
+
+    n_two = sum(len(parse_prompt(q).objects) == 2 for q in benchmark_prompts(12, seed=ts.DEFAULTS_PROMPT_SEED))
+    assert 0 < n_two < 12
+    pd.main(["--run", run, "--kind", "flow", "--evaluator", str(tmp_path / "models" / "shapes-evaluator"),
+             "--n-prompts", "12", "--seeds", "1", "--two-objects", "--out", str(rows)])
+    two_obj = json.loads(rows.read_text().splitlines()[-1])
+    assert (two_obj["n_prompts"], two_obj["two_objects"]) == (n_two, True) and "color" in two_obj
 
     # each denoiser's training record: the flow one says its time location; vp, which has none, does not
     assert json.loads((tmp_path / "export" / "unet-flow.json").read_text())["flow_t_loc"] == 0.0
@@ -495,6 +511,14 @@ def test_choose_negative_takes_the_most_accurate_setting_that_cuts_defects_to_a_
     assert ts.choose_negative(scores, 0.03, cut=100.0) == (("b", 0.5), True)
     assert ts.rank_negative(scores, 0.03) == [("b", 0.5), ("a", 1.0)]  # equal accuracy: the smaller scale first
     assert ts.rank_negative(scores, 0.0) == [("b", 0.5)]
+    # the gate and the projection: equal accuracy and scale, the higher gate first, then the plain negative
+    four = {("c", 1.0, 0.0, True): {**acc, "defect_rate": 0.0}, ("c", 1.0, 0.0, False): {**acc, "defect_rate": 0.0},
+            ("c", 1.0, 0.4, True): {**acc, "defect_rate": 0.0}, ("c", 1.0, 0.4, False): {**acc, "defect_rate": 0.0}}
+    assert ts.rank_negative(four, 0.03) == [("c", 1.0, 0.4, False), ("c", 1.0, 0.4, True), ("c", 1.0, 0.0, False),
+                                            ("c", 1.0, 0.0, True)]
+    assert ts.negative_kwargs(("c", 1.0, 0.4, True)) == {"negative_prompt": "c", "negative_scale": 1.0,
+                                                         "negative_above": 0.4, "negative_perpendicular": True}
+    assert ts.negative_kwargs(("c", 1.0, 0.0, False)) == {"negative_prompt": "c", "negative_scale": 1.0}
 
 
 def test_confirm_negative_keeps_the_first_setting_that_cuts_defects_on_fresh_seeds_too():

@@ -468,18 +468,23 @@ def choose_guidance(scores: dict[float, dict[str, float]]) -> float:
 REPLACE = "replace"  # a negative-scale candidate: the negative prompt replaces the unconditional branch
 
 
-def _negative_cost(key: tuple[Any, ...]) -> tuple[int, float, float]:
+def _negative_cost(key: tuple[Any, ...]) -> tuple[int, float, float, int]:
     """``REPLACE`` (two rows per step) before a scale (three), then the smaller scale, then the higher
-    ``negative_above`` (the third element, if any: fewer steps with the third row)."""
+    ``negative_above`` (the third element, if any: fewer steps with the third row), then the plain
+    negative before the perpendicular one (the fourth element, if any: the simpler formula)."""
     above = float(key[2]) if len(key) > 2 else 0.0
-    return (0, 0.0, 0.0) if key[1] == REPLACE else (1, float(key[1]), -above)
+    perp = int(bool(key[3])) if len(key) > 3 else 0
+    return (0, 0.0, 0.0, 0) if key[1] == REPLACE else (1, float(key[1]), -above, perp)
 
 
 def negative_kwargs(key: tuple[Any, ...]) -> dict[str, Any]:
-    """The pipeline arguments of a negative setting ``(prompt, scale or REPLACE[, negative_above])``."""
+    """The pipeline arguments of a negative setting ``(prompt, scale or REPLACE[, negative_above[,
+    negative_perpendicular]])``."""
     kw: dict[str, Any] = {"negative_prompt": key[0], "negative_scale": None if key[1] == REPLACE else key[1]}
     if len(key) > 2 and key[2]:
         kw["negative_above"] = key[2]
+    if len(key) > 3 and key[3]:
+        kw["negative_perpendicular"] = True
     return kw
 
 
@@ -490,10 +495,11 @@ def cuts_defects(rate: float, baseline: float, cut: float = 3.0) -> bool:
 
 def rank_negative(scores: dict[tuple[Any, ...], dict[str, float]], baseline: float,
                   cut: float = 3.0) -> list[tuple[Any, ...]]:
-    """The negative settings ``(prompt, scale or REPLACE[, negative_above])`` whose probe cuts the
-    defect rate to at most ``baseline / cut`` (``baseline``: the rate with no negative prompt at the
-    same guidance), best first: the highest mean accuracy, among equals the cheaper one (``REPLACE``:
-    two rows per step, a scale three), the smaller scale, the higher ``negative_above``."""
+    """The negative settings ``(prompt, scale or REPLACE[, negative_above[, negative_perpendicular]])``
+    whose probe cuts the defect rate to at most ``baseline / cut`` (``baseline``: the rate with no
+    negative prompt at the same guidance), best first: the highest mean accuracy, among equals the
+    cheaper one (``REPLACE``: two rows per step, a scale three), the smaller scale, the higher
+    ``negative_above``, the plain negative before the perpendicular one."""
     met = [k for k, acc in scores.items() if cuts_defects(acc["defect_rate"], baseline, cut)]
     return sorted(met, key=lambda k: (-round(mean_accuracy(scores[k]), 6), _negative_cost(k)))
 
@@ -511,7 +517,8 @@ def choose_negative(scores: dict[tuple[Any, ...], dict[str, float]], baseline: f
 
 def _negative_record(key: tuple[Any, ...]) -> dict[str, Any]:
     """A negative setting as a JSON record (``negative_above`` 0: at every level)."""
-    return {"negative_prompt": key[0], "negative_scale": key[1], **({"negative_above": key[2]} if len(key) > 2 else {})}
+    return {"negative_prompt": key[0], "negative_scale": key[1], **({"negative_above": key[2]} if len(key) > 2 else {}),
+            **({"negative_perpendicular": bool(key[3])} if len(key) > 3 else {})}
 
 
 def confirm_negative(ranked: list[tuple[Any, ...]], measure: Callable[[tuple[Any, ...]], dict[str, float]],
@@ -566,18 +573,20 @@ def cmd_defaults(a: argparse.Namespace) -> None:
         # the defect rates are a few images in a hundred: the negative settings are compared on more seeds
         baseline = prober.accuracy(pipe, seeds=a.negative_seeds, guidance_scale=best, negative_prompt="")
         log.info("%s guidance %g, no negative prompt, seeds %s: %s", kind, best, a.negative_seeds, json.dumps(baseline))
-        negs: dict[tuple[str, Any, float], dict[str, float]] = {}
+        negs: dict[tuple[str, Any, float, bool], dict[str, float]] = {}
         for neg in a.negative_prompts:
             for sc in a.negative_scales:
-                for above in a.negative_above if sc != REPLACE else [0.0]:  # a replacing negative has no gate
-                    s = REPLACE if sc == REPLACE else float(sc)
-                    if s != REPLACE and not above and best > 1 and s == best - 1:
-                        continue  # the same as replacing, at one more row per step
-                    key = (neg, s, float(above))
-                    negs[key] = prober.accuracy(pipe, seeds=a.negative_seeds, guidance_scale=best,
-                                                **negative_kwargs(key))
-                    log.info("%s guidance %g, negative %r scale %s above %g: %s", kind, best, neg, s, above,
-                             json.dumps(negs[key]))
+                # a replacing negative has no term of its own to gate or project
+                for above in a.negative_above if sc != REPLACE else [0.0]:
+                    for perp in a.negative_perpendicular if sc != REPLACE else ["off"]:
+                        s = REPLACE if sc == REPLACE else float(sc)
+                        if s != REPLACE and not above and perp == "off" and best > 1 and s == best - 1:
+                            continue  # the same as replacing, at one more row per step
+                        key = (neg, s, float(above), perp == "on")
+                        negs[key] = prober.accuracy(pipe, seeds=a.negative_seeds, guidance_scale=best,
+                                                    **negative_kwargs(key))
+                        log.info("%s guidance %g, negative %r scale %s above %g perpendicular %s: %s", kind, best,
+                                 neg, s, above, perp, json.dumps(negs[key]))
         key, met = choose_negative(negs, baseline["defect_rate"], a.defect_cut)
         confirmation: dict[str, Any] | None = None
         if not met:
@@ -604,7 +613,7 @@ def cmd_defaults(a: argparse.Namespace) -> None:
             confirmation = {"seeds": a.confirm_seeds, "baseline": fresh, "tried": tried,
                             "confirmed": any(t["confirmed"] for t in tried)}
         chosen[kind] = {**pipe.defaults, "guidance_scale": best}
-        for k in ("negative_scale", "negative_above"):
+        for k in ("negative_scale", "negative_above", "negative_perpendicular"):
             chosen[kind].pop(k, None)
         chosen[kind].update({k: v for k, v in negative_kwargs(key).items() if v is not None})
         probe[kind] = {f"{w:g}": v for w, v in scores.items()}
@@ -974,6 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--negative-above", type=_noise_level_arg, nargs="+", default=[0.0, 0.4],
                    help="noise levels sigma/alpha to probe each negative scale with: the negative acts only at or "
                         "above it (0: at every level; a replacing negative is probed at 0 only)")
+    s.add_argument("--negative-perpendicular", choices=("off", "on"), nargs="+", default=["off", "on"],
+                   help="probe each negative scale with the plain negative term (off), only its part "
+                        "perpendicular to the prompt's direction (on: Perp-Neg, same rows), or both")
     s.add_argument("--defect-cut", type=float, default=3.0,
                    help="a negative setting qualifies when it cuts the defect rate to 1/this of no negative prompt")
     s.add_argument("--confirm-seeds", type=int, nargs="*", default=[4, 5, 6],

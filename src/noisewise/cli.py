@@ -176,7 +176,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
             sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale, callback=on_step, preset=a.preset,
             **({"image": image, "strength": a.strength} if image is not None else {}),
             **({"spacing": a.spacing} if a.spacing is not None else {}),
-            **{k: v for k, v in (("negative_above", a.negative_above), ("compose", a.compose),
+            **{k: v for k, v in (("negative_above", a.negative_above),
+                                 ("negative_perpendicular", a.negative_perpendicular), ("compose", a.compose),
                                  ("compose_scale", a.compose_scale),
                                  ("region_sigma", a.region_sigma),
                                  ("region_context_below", a.region_context_below)) if v is not None},
@@ -234,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a negative scale: the negative prompt acts only at noise levels sigma/alpha at or "
                         "above this, so it steers the coarse image without retouching colours late (0 = every "
                         "level; default: the model's)")
+    g.add_argument("--negative-perpendicular", action=argparse.BooleanOptionalAction, default=None,
+                   help="with a negative scale: subtract only the part of the negative prompt's direction "
+                        "perpendicular to the prompt's guided direction (Perp-Neg), so the negative does not also "
+                        "push harder along the prompt, which costs colour (default: the model's)")
     g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
     g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
     g.add_argument("--steps", type=_int_range(*limits.STEPS, "--steps"), default=None, help="default: the model's (10)")

@@ -121,6 +121,7 @@ def sample(
     negative: Any = None,
     negative_scale: float | None = None,
     negative_above: float = 0.0,
+    negative_perpendicular: bool = False,
     guidance_scale: float | Tensor | None = None,
     guidance: Any = None,
     composition: Any = None,
@@ -166,6 +167,9 @@ def sample(
             ``s = w - 1``); needs ``uncond`` and ``negative``. Not with CFG++ or autoguidance.
         negative_above: with ``negative_scale``: that term (and its rows) only at noise levels
             ``sigma / alpha`` at or above this; 0 (the default): at every level.
+        negative_perpendicular: with ``negative_scale``: only the part of ``D(n) - D(u)``
+            perpendicular to the guided direction is subtracted, per sample (Perp-Neg), so the
+            negative does not act as extra guidance along or against the prompt.
         guidance_scale: ``w``, a number or one per sample (default 1: the conditional model, no
             unconditional rows).
         guidance: guidance options: a name, an option (``nw.APG()``), a dict or a list of them;
@@ -266,12 +270,12 @@ def sample(
             denoiser, cond=cond, guide=uncond if replacing is None else replacing,
             guidance_scale=1.0 if guidance_scale is None else guidance_scale, composition=composition,
             max_batch=max_batch, batch=noise.shape[0], negative=weighted, negative_scale=s,
-            negative_above=negative_above,
+            negative_above=negative_above, negative_perpendicular=negative_perpendicular,
         )
     elif any(v is not None for v in (cond, uncond, negative, guidance_scale, guidance)):
         denoiser = GuidedDenoiser(
             denoiser, cond=cond, uncond=uncond, negative=negative, negative_scale=negative_scale,
-            negative_above=negative_above,
+            negative_above=negative_above, negative_perpendicular=negative_perpendicular,
             guidance_scale=1.0 if guidance_scale is None else guidance_scale, guidance=guidance,
             max_batch=max_batch, batch=noise.shape[0],
         )

@@ -39,10 +39,12 @@ from .guided import (
     _same_layout,
     _take,
     check_negative_above,
+    check_negative_perpendicular,
     check_negative_scale,
     check_noise_level,
     check_scale,
     conditional_denoiser,
+    perpendicular_part,
 )
 
 Tensor = torch.Tensor
@@ -107,6 +109,9 @@ class ComposedDenoiser(_ChunkedForward):
             conditioning). None or 0: no such term.
         negative_above: that term (and its rows) only at noise levels ``sigma / alpha`` at or above
             this; 0: at every level.
+        negative_perpendicular: subtract only the part of ``D(n) - D(guide)`` perpendicular to the
+            sum of the positive terms, per sample (Perp-Neg; see
+            :class:`~noisewise.guidance.GuidedDenoiser`).
 
     Counts like :class:`~noisewise.guidance.GuidedDenoiser`: ``nfe`` (branches per step, the
     largest number any sample uses, summed over steps), ``calls`` (forward passes) and ``rows``.
@@ -125,6 +130,7 @@ class ComposedDenoiser(_ChunkedForward):
         negative: Any = None,
         negative_scale: float | None = None,
         negative_above: float = 0.0,
+        negative_perpendicular: bool = False,
     ) -> None:
         self.model_denoiser = denoise if isinstance(denoise, ModelDenoiser) else None
         self.denoise: CondDenoise = conditional_denoiser(denoise) if isinstance(denoise, ModelDenoiser) else denoise
@@ -139,6 +145,7 @@ class ComposedDenoiser(_ChunkedForward):
         _same_layout(self.cond, self.guide, "cond", "guide")
         self.negative_scale = check_negative_scale(negative_scale)
         self.negative_above = check_negative_above(negative_above, negative_scale)
+        self.negative_perpendicular = check_negative_perpendicular(negative_perpendicular, negative_scale)
         self.neg = None  # a separately weighted negative: - s (D(n) - D(u)), one more row per sample
         if self.negative_scale and negative is not None and not _is_empty(negative):
             self.neg = _check_cond(negative, "negative", batch)
@@ -237,16 +244,21 @@ class ComposedDenoiser(_ChunkedForward):
         out = self._forward(self.denoise, torch.cat(xs, dim=0), level, _cat(conds))
         self.nfe += self.branches - (self.neg is not None and not neg)
         u = out[:B]
-        g = u.clone()
+        d = None
         if neg:
-            g = g - self.negative_scale * (out[B : 2 * B] - u)
+            d = out[B : 2 * B] - u
             out = torch.cat([u, out[2 * B :]])  # the rows below as without a negative
+        g = u.clone()
         if nf:
             df = w * (out[B : B + nf] - (u if fi is None else u.index_select(0, fi)))
             g = g + df if fi is None else g.index_add(0, fi, df)
         if nc:
             base = out[B : B + nf] if self.relative == "cond" else u  # nf == B when relative to cond
             g = g.index_add(0, owner, wc * (out[B + nf :] - base.index_select(0, owner)))
+        if d is not None:
+            if self.negative_perpendicular:
+                d = perpendicular_part(d, g - u)
+            g = g - self.negative_scale * d
         return g
 
 

@@ -258,6 +258,11 @@ class GuidedDenoiser(_ChunkedForward):
             ``sigma / alpha`` at or above this (its rows are skipped below); 0 (the default): at every
             level. A negative prompt against defects such as blur then steers the coarse image without
             retouching colours at low noise.
+        negative_perpendicular: with ``negative_scale``: subtract only the part of the negative
+            direction ``D(n) - D(u)`` perpendicular to the guided direction (per sample), so the
+            negative cannot push along, or against, what the prompt asks for (Perp-Neg, Armandpour et
+            al. 2023). A plain negative that points against the prompt otherwise raises the effective
+            guidance scale. No extra rows.
         guidance_scale: ``w`` (a number or one value per sample; 1 = no guidance, no extra rows).
             For CFG++ it is the paper's ``lambda``.
         guidance: the options (see :func:`~noisewise.guidance.parse_guidance`).
@@ -274,6 +279,7 @@ class GuidedDenoiser(_ChunkedForward):
         negative: Any = None,
         negative_scale: float | None = None,
         negative_above: float = 0.0,
+        negative_perpendicular: bool = False,
         guidance_scale: Any = 1.0,
         guidance: Any = None,
         max_batch: int | None = None,
@@ -301,6 +307,7 @@ class GuidedDenoiser(_ChunkedForward):
             raise TypeError(f"negative must be a tensor like cond (or None), got {type(negative).__name__}")
         negative, weighted, self.negative_scale = split_negative(uncond, negative, negative_scale)
         self.negative_above = check_negative_above(negative_above, negative_scale)
+        self.negative_perpendicular = check_negative_perpendicular(negative_perpendicular, negative_scale)
         self.neg_cond = None
         if weighted is not None:  # uncond stays the guiding branch; the negative gets its own rows
             if isinstance(self.combiner, CFGPlusPlus) or self.auto is not None:
@@ -473,7 +480,8 @@ class GuidedDenoiser(_ChunkedForward):
                 negative: Tensor | None = None) -> Tensor:
         """Guided data prediction from the conditional and guiding data predictions ``c`` and ``u``
         (at state ``x``, with per-sample ``scale``), less ``negative_scale * (negative - u)`` when
-        the negative prediction is given, then rescaled."""
+        the negative prediction is given (only its part perpendicular to the guided direction with
+        ``negative_perpendicular``), then rescaled."""
         comb = self.combiner
         if isinstance(comb, CFGPlusPlus):
             _, h = self.step_of(level)
@@ -496,7 +504,10 @@ class GuidedDenoiser(_ChunkedForward):
                 raise AssertionError(comb)
             g = from_space(gs, x, level, space)
         if negative is not None and self.negative_scale:  # weights summing to zero: the same in every space
-            g = g - self.negative_scale * (negative - u)
+            d = negative - u
+            if self.negative_perpendicular:
+                d = perpendicular_part(d, g - u)
+            g = g - self.negative_scale * d
         if self.rescale is not None and self.rescale.phi > 0:
             space = _usable(self.rescale.space, level)
             gs = rescale(to_space(g, x, level, space), to_space(c, x, level, space), self.rescale.phi)
@@ -529,6 +540,30 @@ def check_negative_above(v: Any, negative_scale: Any) -> float:
         raise ValueError("negative_above= gates the negative prompt's own term: give negative_scale= too "
                          "(negative_scale = guidance_scale - 1 equals replacing the unconditional branch)")
     return above
+
+
+def check_negative_perpendicular(v: Any, negative_scale: Any) -> bool:
+    """``negative_perpendicular`` checked: a bool; True projects the negative's own term, so it needs
+    a ``negative_scale``."""
+    if not isinstance(v, bool):
+        raise ValueError(f"negative_perpendicular must be True or False, got {v!r}")
+    if v and negative_scale is None:
+        raise ValueError("negative_perpendicular=True projects the negative prompt's own term: give "
+                         "negative_scale= too (negative_scale = guidance_scale - 1 equals replacing the "
+                         "unconditional branch)")
+    return v
+
+
+def perpendicular_part(d: Tensor, direction: Tensor) -> Tensor:
+    """``d`` less its projection on ``direction``, per sample (over all but the first dimension):
+    ``d - (<d, p> / <p, p>) p``. Both are differences of two predictions at the same state, so the
+    result does not depend on the space (x0, eps, v, flow) they are taken in. A sample whose
+    ``direction`` is zero keeps ``d``."""
+    dt = torch.promote_types(d.dtype, torch.float32)  # half-precision rows are summed in float32
+    dd, pp = d.flatten(1).to(dt), direction.flatten(1).to(dt)
+    norm = (pp * pp).sum(1, keepdim=True)
+    coef = torch.where(norm > 0, (dd * pp).sum(1, keepdim=True) / norm.clamp_min(torch.finfo(dt).tiny), 0.0)
+    return d - (coef.to(d.dtype).reshape(-1, *([1] * (d.ndim - 1))) * direction)
 
 
 def split_negative(uncond: Any, negative: Any, negative_scale: Any) -> tuple[Any, Any, float | None]:

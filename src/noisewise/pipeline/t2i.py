@@ -243,13 +243,20 @@ class Pipeline:
         return out.to(self.device)
 
     def resolve_negative(self, negative_prompt: str | None = None, negative_scale: float | None = None,
-                         negative_above: float | None = None, guidance: Any = None) -> tuple[str, float | None, float]:
-        """The negative prompt, its own scale (None: it replaces the unconditional branch) and the noise
-        level it acts at or above, as a call with these arguments uses them: the model's defaults filled
-        in, then checked. A ``guidance=`` method gets the replacing negative, not the model's scale; the
-        model's ``negative_above`` goes with a weighted negative only; no negative prompt weighs or
-        gates nothing."""
-        from ..guidance.guided import check_negative_above, check_negative_scale, check_noise_level
+                         negative_above: float | None = None, guidance: Any = None,
+                         negative_perpendicular: bool | None = None) -> tuple[str, float | None, float, bool]:
+        """The negative prompt, its own scale (None: it replaces the unconditional branch), the noise
+        level it acts at or above and whether only its part perpendicular to the prompt's direction
+        acts, as a call with these arguments uses them: the model's defaults filled in, then checked. A
+        ``guidance=`` method gets the replacing negative, not the model's scale; the model's
+        ``negative_above`` and ``negative_perpendicular`` go with a weighted negative only; no negative
+        prompt weighs, gates or projects nothing."""
+        from ..guidance.guided import (
+            check_negative_above,
+            check_negative_perpendicular,
+            check_negative_scale,
+            check_noise_level,
+        )
 
         neg = self.defaults["negative_prompt"] if negative_prompt is None else negative_prompt
         if negative_scale is None and guidance is None:
@@ -259,9 +266,13 @@ class Pipeline:
             above = check_noise_level(negative_above, "negative_above")
         else:
             above = float(self.defaults.get("negative_above", 0.0)) if neg_scale is not None else 0.0
+        if negative_perpendicular is not None:
+            perp = check_negative_perpendicular(negative_perpendicular, 1.0)  # the type here; the scale below
+        else:
+            perp = bool(self.defaults.get("negative_perpendicular", False)) and neg_scale is not None
         if not neg.strip():
-            neg_scale, above = None, 0.0
-        return neg, neg_scale, check_negative_above(above, neg_scale)
+            neg_scale, above, perp = None, 0.0, False
+        return neg, neg_scale, check_negative_above(above, neg_scale), check_negative_perpendicular(perp, neg_scale)
 
     def initial_noise(self, seeds: Sequence[int]) -> Tensor:
         """One standard-normal latent per seed (CPU generator: identical on every device)."""
@@ -295,6 +306,7 @@ class Pipeline:
         negative_prompt: str | None = None,
         negative_scale: float | None = None,
         negative_above: float | None = None,
+        negative_perpendicular: bool | None = None,
         num_images: int = 1,
         seed: int = 0,
         sampler: str | None = None,
@@ -327,6 +339,11 @@ class Pipeline:
                 ``sigma / alpha`` at or above this, and its rows are skipped below (0: at every level).
                 A negative against defects then shapes the coarse image without retouching colours
                 late. Default: the model's when the negative prompt has its own scale, else 0.
+            negative_perpendicular: with a ``negative_scale``: only the part of the negative prompt's
+                direction perpendicular to the prompt's guided direction is subtracted, per image
+                (Perp-Neg): a negative that points against the prompt otherwise also raises the
+                guidance along it, which costs colour and binding. Same rows. Default: the model's when
+                the negative prompt has its own scale, else False.
             sampler / steps / guidance_scale: default to the model's recommendation.
             model: a stand-in for the network called as ``model(x, model_time, cond)`` instead of
                 :meth:`model_fn` (e.g. a :class:`noisewise.serving.ForwardBatcher` over it).
@@ -380,8 +397,9 @@ class Pipeline:
             raise ValueError(f"guidance_scale must be from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
         from ..guidance.guided import _map
 
-        neg, neg_scale, above = self.resolve_negative(negative_prompt, negative_scale, negative_above,
-                                                      guidance=sampler_options.get("guidance"))
+        neg, neg_scale, above, perp = self.resolve_negative(negative_prompt, negative_scale, negative_above,
+                                                            guidance=sampler_options.get("guidance"),
+                                                            negative_perpendicular=negative_perpendicular)
         for p in dict.fromkeys(prompts):
             if not p.strip():
                 logger.warning("empty prompt: sampling unconditionally (only the negative prompt steers)")
@@ -420,7 +438,7 @@ class Pipeline:
             both = self.encode_prompt(["", neg])
             uncond = _map(lambda t: t[:1].expand(len(prompts), *t.shape[1:]), both)
             guide_kw = {"negative": _map(lambda t: t[1:].expand(len(prompts), *t.shape[1:]), both),
-                        "negative_scale": neg_scale, "negative_above": above}
+                        "negative_scale": neg_scale, "negative_above": above, "negative_perpendicular": perp}
         scale: Any = w
         if composed.composition is not None:
             sampler_options = {**sampler_options, "composition": composed.composition}
@@ -442,7 +460,8 @@ class Pipeline:
         meta = [
             {
                 "prompt": p, "negative_prompt": neg, **({"negative_scale": neg_scale} if neg_scale is not None else {}),
-                **({"negative_above": above} if neg_scale is not None else {}),  # a rerun must not take the model's
+                **({"negative_above": above, "negative_perpendicular": perp}  # a rerun must not take the model's
+                   if neg_scale is not None else {}),
                 "model": self.name, "sampler": sampler, "steps": steps,
                 "guidance_scale": w, "seed": s, "sampler_options": {k: v for k, v in sampler_options.items()
                                                                       if isinstance(v, (int, float, str, bool))},

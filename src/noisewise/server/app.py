@@ -59,6 +59,10 @@ class GenerateRequest(BaseModel):
         None, ge=limits.NEGATIVE_ABOVE[0], le=limits.NEGATIVE_ABOVE[1],
         description="with a negative scale: the negative prompt acts only at noise levels sigma/alpha at or above "
                     "this (0 = every level); null = the model's default")
+    negative_perpendicular: bool | None = Field(
+        None, description="with a negative scale: subtract only the part of the negative prompt's direction "
+                          "perpendicular to the prompt's guided direction (Perp-Neg), so it does not also push "
+                          "harder along the prompt; null = the model's default")
     model: str | None = Field(None, pattern=NAME_PATTERN,
                               description="a model name from GET /v1/models (names only, never paths)")
     preset: str | None = Field(None, pattern=NAME_PATTERN, description="a preset from GET /v1/presets")

@@ -38,7 +38,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
 
     d = JobDefaults(model=a.model, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale,
                     negative_prompt=a.negative_prompt, negative_scale=a.negative_scale,
-                    negative_above=a.negative_above, compose=a.compose,
+                    negative_above=a.negative_above, negative_perpendicular=a.negative_perpendicular,
+                    compose=a.compose,
                     base_seed=a.seed)
     try:
         items = read_items(a.prompts, d)
@@ -87,7 +88,7 @@ def add_cli(sub: Any) -> None:
 
     b = sub.add_parser("batch", help="generate a JSONL file of prompts into a folder (local or Ray)",
                        description="Each line: {\"prompt\": ..., optional negative_prompt, negative_scale, "
-                                   "negative_above, model, sampler, steps, "
+                                   "negative_above, negative_perpendicular, model, sampler, steps, "
                                    "guidance_scale, compose, seed, num_images, id, image (a PNG/JPEG path relative "
                                    "to the file: image-to-image), strength}. Resumable: finished items are skipped.")
     b.add_argument("prompts", help="JSONL file, one item per line")
@@ -107,6 +108,10 @@ def add_cli(sub: Any) -> None:
     b.add_argument("--negative-above", type=_float_range(*limits.NEGATIVE_ABOVE, "--negative-above"), default=None,
                    help="for items without one: with a negative scale, the negative prompt acts only at noise levels "
                         "sigma/alpha at or above this (docs/guidance.md); default: the model's")
+    b.add_argument("--negative-perpendicular", action=argparse.BooleanOptionalAction, default=None,
+                   help="for items without one: with a negative scale, subtract only the part of the negative "
+                        "prompt's direction perpendicular to the prompt's (Perp-Neg; docs/guidance.md); default: "
+                        "the model's")
     b.add_argument("--compose", choices=COMPOSE_MODES, default=None,
                    help="prompt composition for items without one (docs/composition.md); default: the model's")
     b.add_argument("--seed", type=_int_range(*limits.SEED, "--seed"), default=0,

@@ -554,8 +554,9 @@ class GenerationService:
             started_box.append(time.monotonic())
             self.metrics.queue_wait.observe(started_box[0] - job.submitted)
             emit({"event": "started"})
-            kw = {k: params.get(k) for k in ("negative_prompt", "negative_scale", "negative_above", "sampler", "steps",
-                                             "guidance_scale", "compose")}
+            kw = {k: params.get(k) for k in ("negative_prompt", "negative_scale", "negative_above",
+                                             "negative_perpendicular", "sampler", "steps", "guidance_scale",
+                                             "compose")}
             seeds = [params["seed"] + i for i in range(params.get("num_images", 1))]
             extra: dict[str, Any] = {}
             sampler = params.get("sampler") or model.pipe.defaults["sampler"]

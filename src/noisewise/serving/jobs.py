@@ -1,7 +1,8 @@
 """Batch jobs: ``noisewise batch prompts.jsonl --out DIR`` on a local engine or a Ray actor pool.
 
 Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "negative_scale"?, "negative_above"?,
-"model"?, "sampler"?, "steps"?, "guidance_scale"?, "compose"?, "seed"?, "num_images"?, "id"?, "image"?, "strength"?}``;
+"negative_perpendicular"?, "model"?, "sampler"?, "steps"?, "guidance_scale"?, "compose"?, "seed"?, "num_images"?,
+"id"?, "image"?, "strength"?}``;
 missing fields take the job's defaults, a missing seed is ``base_seed + line index`` (so a job is
 reproducible as a whole). Every line is checked when the file is read, numbers against the ranges
 ``noisewise generate`` and the HTTP API accept (:mod:`noisewise.limits`), so a bad line stops the job
@@ -34,8 +35,8 @@ from .. import limits
 
 logger = logging.getLogger(__name__)
 
-ITEM_FIELDS = ("id", "prompt", "negative_prompt", "negative_scale", "negative_above", "model", "sampler", "steps",
-               "guidance_scale", "compose", "seed", "num_images", "image", "strength")
+ITEM_FIELDS = ("id", "prompt", "negative_prompt", "negative_scale", "negative_above", "negative_perpendicular",
+               "model", "sampler", "steps", "guidance_scale", "compose", "seed", "num_images", "image", "strength")
 # the composition modes a job (over HTTP, in a batch file) may ask for (docs/composition.md); None = the model's default
 ComposeMode = Literal["off", "and", "regions"]
 COMPOSE_MODES: tuple[str, ...] = get_args(ComposeMode)
@@ -53,6 +54,7 @@ class JobDefaults:
     negative_prompt: str | None = None
     negative_scale: float | None = None
     negative_above: float | None = None
+    negative_perpendicular: bool | None = None
     compose: str | None = None
     num_images: int = 1
     base_seed: int = 0
@@ -102,6 +104,7 @@ def _checked_item(raw: dict[str, Any], d: JobDefaults, index: int) -> dict[str, 
         "negative_prompt": raw.get("negative_prompt", d.negative_prompt),
         "negative_scale": raw.get("negative_scale", d.negative_scale),
         "negative_above": raw.get("negative_above", d.negative_above),
+        "negative_perpendicular": raw.get("negative_perpendicular", d.negative_perpendicular),
         "model": raw.get("model", d.model),
         "sampler": raw.get("sampler", d.sampler),
         "steps": raw.get("steps", d.steps),
@@ -119,6 +122,9 @@ def _checked_item(raw: dict[str, Any], d: JobDefaults, index: int) -> dict[str, 
                              f"got {item[key]!r}")
     if not _ID.match(item["id"]):
         raise ValueError(f"id {item['id']!r} must be letters, digits, '.', '_' or '-' (it names the output files)")
+    if item["negative_perpendicular"] is not None and not isinstance(item["negative_perpendicular"], bool):
+        raise ValueError(f"negative_perpendicular must be true, false or null (the model's default), "
+                         f"got {item['negative_perpendicular']!r}")
     if item["compose"] is not None and item["compose"] not in COMPOSE_MODES:
         raise ValueError(f"compose must be one of {', '.join(COMPOSE_MODES)} or null (the model's default), "
                          f"got {item['compose']!r}")
@@ -202,7 +208,8 @@ class ItemRunner:
         if init is not None:
             extra.update(image=init.pixels, strength=item["strength"])
         res = pipe(item["prompt"], negative_prompt=item["negative_prompt"], negative_scale=item.get("negative_scale"),
-                   negative_above=item.get("negative_above"), num_images=item["num_images"],
+                   negative_above=item.get("negative_above"),
+                   negative_perpendicular=item.get("negative_perpendicular"), num_images=item["num_images"],
                    seed=item["seed"], sampler=sampler, steps=item["steps"], guidance_scale=item["guidance_scale"],
                    compose=item.get("compose"), **extra)
         meta = [dict(m, id=item["id"]) for m in res.metadata]
