@@ -62,6 +62,45 @@ def test_denoiser_trains_and_resumes_exactly(kind, tmp_path):
     torch.testing.assert_close(_params(resumed), _params(full), rtol=0, atol=0)
 
 
+def test_sample_weights_draw_images_in_proportion(monkeypatch):
+    """``sample_weights``: batches draw images in proportion to the weights (none: uniform, as before);
+    bad weights fail clearly; train_shapes' pair_weights marks two-object images of the given colour
+    pairs, in either order, and nothing else."""
+    gen = torch.Generator().manual_seed(0)
+    w = T.check_sample_weights(torch.tensor([0.0, 0.0, 3.0, 1.0]), 4)
+    idx = T.draw_indices(4, 4000, gen, torch.device("cpu"), w)
+    counts = torch.bincount(idx, minlength=4)
+    assert counts[:2].tolist() == [0, 0] and 2.5 < counts[2] / counts[3] < 3.5
+    for bad, says in (([1.0, 1.0], "one weight per image"), ([1.0, -1.0, 0, 0], ">= 0"), ([0.0] * 4, "above 0"),
+                      ([float("nan"), 1, 1, 1], "finite")):
+        with pytest.raises(ValueError, match=says):
+            T.check_sample_weights(torch.tensor(bad), 4)
+    # the weights reach the training batches
+    drawn = []
+    real = T.draw_indices
+    monkeypatch.setattr(T, "draw_indices", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(8, 4, 8, 8, generator=g).half(), torch.full((8, 4, 8, 8), 0.01).half()
+    states, index = torch.randn(3, 6, 24, generator=g).half(), torch.randint(3, (8, 2), generator=g)
+    T.train_denoiser("flow", mean, std, 0.5, states, index, steps=3, batch_size=4, config=TINY_UNET, progress=False,
+                     sample_weights=torch.tensor([0, 0, 0, 0, 0, 1.0, 0, 0]))
+    assert len(drawn) == 3 and all(d.tolist() == [5] * 4 for d in drawn)
+
+    ts = _train_script()
+    from noisewise.shapes import COLORS
+
+    r, o, y, b = (COLORS.index(c) for c in ("red", "orange", "yellow", "blue"))
+    color = np.array([[r, o, -1, -1, -1], [-1, o, -1, r, -1], [r, -1, -1, -1, -1], [r, b, -1, -1, -1],
+                      [y, -1, o, -1, -1], [o, o, -1, -1, -1]])
+    got = ts.pair_weights(color, [("red", "orange"), ("orange", "yellow")], 3.0)
+    assert got.tolist() == [3.0, 3.0, 1.0, 1.0, 3.0, 1.0]
+    parse = ts.build_parser().parse_args
+    a = parse(["unet", "--kind", "flow", "--oversample-pairs", "red+orange", "yellow+orange"])
+    assert a.oversample_pairs == [("red", "orange"), ("yellow", "orange")] and a.oversample_factor == 3.0
+    with pytest.raises(SystemExit):
+        parse(["unet", "--kind", "flow", "--oversample-pairs", "red+pink"])
+
+
 def test_denoiser_losses_match_their_definitions():
     """The VP loss is the min-SNR-weighted epsilon MSE, the flow loss the velocity MSE: check both
     with a network that returns its target exactly (loss 0) or zero (loss = E[w |target|^2])."""

@@ -254,6 +254,16 @@ def cmd_unet(a: argparse.Namespace) -> None:
     states, index = _caption_states(a, data)
     init = T.load_unet_weights(a.init_from) if a.init_from else None
     config = T.ARCHS[a.arch]["unet"]
+    weights = None
+    oversample: dict[str, Any] = {}
+    if a.oversample_pairs:
+        w = pair_weights(data.labels["color"], a.oversample_pairs, a.oversample_factor)
+        weights = torch.from_numpy(w)
+        share = float((w != 1.0).mean())
+        oversample = {"oversample_pairs": ["+".join(p) for p in a.oversample_pairs],
+                      "oversample_factor": a.oversample_factor, "oversampled_share_of_images": round(share, 5)}
+        log.info("oversampling %s x%g: %.2f%% of the images, %.2f%% of the draws", oversample["oversample_pairs"],
+                 a.oversample_factor, 100 * share, 100 * float(w[w != 1.0].sum() / w.sum()))
     if init is not None:
         log.info("starting from %s", a.init_from)
     target = run / "export" / f"unet-{a.kind}.safetensors"
@@ -266,13 +276,14 @@ def cmd_unet(a: argparse.Namespace) -> None:
         batch_size=a.batch_size, lr=a.lr, max_seconds=a.max_seconds, device=a.device, seed=a.seed,
         checkpoint_path=run / f"unet-{a.kind}.ckpt", resume=a.resume, progress=not a.no_progress,
         on_checkpoint=on_ckpt, precision=a.precision, init_state=init, checkpoint_every_s=a.checkpoint_every,
-        warmup=a.warmup, config=config, flow_t_loc=a.flow_t_loc,
+        warmup=a.warmup, config=config, flow_t_loc=a.flow_t_loc, sample_weights=weights,
     )
     _save_fp16(ema.state_dict(), target)
     _write_json(run / "export" / f"unet-{a.kind}.json", {
         "steps": plan.total, "batch_size": a.batch_size, "lr": a.lr, "precision": a.precision,
         "init_from": a.init_from, "warmup": a.warmup, "arch": a.arch, "config": config,
         **({"flow_t_loc": a.flow_t_loc} if a.kind == "flow" else {}),  # vp draws a uniform step instead
+        **oversample,
         "history": plan.history,
     })
 
@@ -855,6 +866,33 @@ def _negative_scale_arg(v: str) -> str | float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _color_pair_arg(v: str) -> tuple[str, str]:
+    from noisewise.shapes import COLORS
+
+    parts = v.split("+")
+    if len(parts) != 2 or any(c not in COLORS for c in parts) or parts[0] == parts[1]:
+        raise argparse.ArgumentTypeError(f"a pair of two different colours joined by '+' (of {', '.join(COLORS)}), "
+                                         f"e.g. red+orange; got {v!r}")
+    return (parts[0], parts[1])
+
+
+def pair_weights(color: np.ndarray, pairs: Sequence[tuple[str, str]], factor: float) -> np.ndarray:
+    """Per-image sampling weights: ``factor`` for an image whose two objects have the colours of one of
+    ``pairs`` (either order), 1 for every other image. ``color``: the labels' ``(N, positions)`` colour
+    indices, -1 where no object is."""
+    from noisewise.shapes import COLORS
+
+    if not (factor > 0 and np.isfinite(factor)):
+        raise SystemExit(f"--oversample-factor must be a finite number > 0, got {factor!r}")
+    present = np.sort(np.where(color >= 0, color, len(COLORS)), axis=1)[:, :2]  # the two smallest colour indices
+    two = (color >= 0).sum(axis=1) == 2
+    hit = np.zeros(len(color), dtype=bool)
+    for a, b in pairs:
+        i, j = sorted((COLORS.index(a), COLORS.index(b)))
+        hit |= two & (present[:, 0] == i) & (present[:, 1] == j)
+    return np.where(hit, float(factor), 1.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -915,6 +953,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--flow-t-loc", type=float, default=0.0,
                    help="flow only: location of the logit-normal training time t = sigmoid(loc + N(0, 1)) "
                         "(0, the default: SD3's; > 0 trains more at high noise)")
+    s.add_argument("--oversample-pairs", type=_color_pair_arg, nargs="+", default=[],
+                   help="colour pairs such as red+orange: images with two objects of those colours are drawn "
+                        "--oversample-factor times as often (to teach binding between neighbouring hues)")
+    s.add_argument("--oversample-factor", type=float, default=3.0,
+                   help="how much more often --oversample-pairs images are drawn (default 3)")
     s.set_defaults(func=cmd_unet)
 
     s = sub.add_parser("latents", help="encode the data with an existing VAE (fine-tuning in the shipped latent space)")

@@ -461,6 +461,7 @@ def train_denoiser(
     checkpoint_every_s: float = 60.0,
     warmup: int | None = None,
     flow_t_loc: float = 0.0,
+    sample_weights: Tensor | None = None,
 ) -> tuple[Any, Plan]:
     """Train a ``UNet2DConditionModel`` on scaled VAE latents with text cross-attention; returns
     (EMA model, plan with history). Latents are sampled from the VAE posterior each step.
@@ -468,7 +469,9 @@ def train_denoiser(
     ``init_state``: start the network (and its EMA) from these weights (:func:`load_unet_weights`,
     e.g. the shipped model's) instead of a random initialisation: fine-tuning. A ``resume`` from a
     checkpoint takes precedence (the checkpoint holds the fine-tuned weights). ``flow_t_loc``: the
-    flow model's training-time distribution (:func:`denoiser_loss`)."""
+    flow model's training-time distribution (:func:`denoiser_loss`). ``sample_weights``: one
+    non-negative weight per image; each batch draws images in proportion to them (with replacement)
+    instead of uniformly (:func:`draw_indices`)."""
     from diffusers import UNet2DConditionModel
 
     _check_precision(precision)
@@ -488,8 +491,10 @@ def train_denoiser(
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     start = _resume(ckpt, resume, gen, plan, model=unet, ema=ema, opt=opt, sched=sched)
 
+    weights = None if sample_weights is None else check_sample_weights(sample_weights, len(mean)).to(dev)
+
     def step_fn(step: int) -> Tensor:
-        idx = torch.randint(len(mean), (batch_size,), device=dev, generator=gen)
+        idx = draw_indices(len(mean), batch_size, gen, dev, weights)
         k = torch.randint(cidx.shape[1], (batch_size,), device=dev, generator=gen)
         z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, device=dev, generator=gen))
         z0 = z0 * scaling_factor
@@ -508,6 +513,25 @@ def train_denoiser(
                       checkpoint=save, checkpoint_every_s=checkpoint_every_s, progress=progress, stop_at=stop_at)
     save(done)
     return ema, plan
+
+
+def check_sample_weights(weights: Tensor, n: int) -> Tensor:
+    """Per-image sampling weights checked: ``n`` finite values >= 0, not all 0 (float64)."""
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    if w.numel() != n:
+        raise ValueError(f"sample_weights needs one weight per image ({n}), got {w.numel()}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise ValueError("sample_weights must be finite and >= 0, with at least one above 0")
+    return w
+
+
+def draw_indices(n: int, batch_size: int, gen: torch.Generator, device: torch.device,
+                 weights: Tensor | None = None) -> Tensor:
+    """A training batch's image indices: uniform over ``n`` (``weights`` None), else drawn with
+    replacement in proportion to ``weights``."""
+    if weights is None:
+        return torch.randint(n, (batch_size,), device=device, generator=gen)
+    return torch.multinomial(weights, batch_size, replacement=True, generator=gen)
 
 
 def _denoiser_update(kind: Kind, unet: Any, ema: torch.nn.Module, opt: Any, z0: Tensor, cond: Tensor, gen: Any,
