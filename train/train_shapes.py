@@ -32,10 +32,11 @@ scratch on a 2-core CPU in 2 hours (the small architectures; docs/benchmarks/mod
 ``cpu-2h`` runs the evaluator beside the caption encoding and the two denoisers side by side, one
 thread each (``--lanes 2``; each such stage logs to ``<run>/logs/<stage>.log``); the caption
 encoding takes the evaluator's thread too once the evaluator is done. ``defaults``
-then chooses each denoiser's default guidance scale, negative prompt, negative scale and the noise
-level the negative acts above with the run's own evaluator (on prompts drawn apart from the
-benchmark's), confirms the chosen negative's defect cut on fresh seeds, and writes them into the
-exported folders (~27 minutes on the 2-core CPU).
+then chooses each denoiser's default guidance scale, negative prompt, negative scale, the noise
+level the negative acts above and whether it is projected perpendicular to the prompt's direction,
+with the run's own evaluator (on prompts drawn apart from the benchmark's), confirms the chosen
+negative's defect cut on fresh seeds, and writes them into the exported folders (~37 minutes on the
+2-core CPU).
 
 Every stage is seeded; a run with ``--steps N`` and no ``--max-seconds`` repeats exactly (the log
 and ``<run>/export/<stage>.json`` give the N a time-boxed run settled on). ``--resume`` continues from
@@ -554,7 +555,8 @@ def cmd_defaults(a: argparse.Namespace) -> None:
     """Choose each denoiser's generation defaults for this run's models with the run's own evaluator,
     on ``--n-prompts`` prompts drawn apart from the benchmark's: the guidance scale with no negative
     prompt (:func:`choose_guidance`: the best mean of the accuracies and the clean share), then at
-    that scale the negative prompt, negative scale and ``negative_above`` (:func:`choose_negative`:
+    that scale the negative prompt, negative scale, ``negative_above`` and
+    ``negative_perpendicular`` (:func:`choose_negative`:
     the most accurate one that cuts the defect rate to a third), confirmed on ``--confirm-seeds``
     (:func:`confirm_negative`: the pick must cut the defect rate on fresh seeds too, else the next one
     is tried). Keeps the
@@ -1007,7 +1009,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_samples)
 
     s = sub.add_parser("defaults", help="choose each denoiser's default guidance scale, negative prompt, negative "
-                                        "scale and negative_above with the run's evaluator, the defect cut "
+                                        "scale, negative_above and negative_perpendicular with the run's "
+                                        "evaluator, the defect cut "
                                         "confirmed on fresh seeds")
     s.add_argument("--run", default="runs/shapes")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

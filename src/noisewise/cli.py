@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-perpendicular", action=argparse.BooleanOptionalAction, default=None,
                    help="with a negative scale: subtract only the part of the negative prompt's direction "
                         "perpendicular to the prompt's guided direction (Perp-Neg), so the negative does not also "
-                        "push harder along the prompt, which costs colour (default: the model's)")
+                        "push harder along the prompt (default: the model's)")
     g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
     g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
     g.add_argument("--steps", type=_int_range(*limits.STEPS, "--steps"), default=None, help="default: the model's (10)")

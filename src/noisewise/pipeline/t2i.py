@@ -342,8 +342,8 @@ class Pipeline:
             negative_perpendicular: with a ``negative_scale``: only the part of the negative prompt's
                 direction perpendicular to the prompt's guided direction is subtracted, per image
                 (Perp-Neg): a negative that points against the prompt otherwise also raises the
-                guidance along it, which costs colour and binding. Same rows. Default: the model's when
-                the negative prompt has its own scale, else False.
+                guidance along it. Same rows. Default: the model's when the negative prompt has its own
+                scale, else False.
             sampler / steps / guidance_scale: default to the model's recommendation.
             model: a stand-in for the network called as ``model(x, model_time, cond)`` instead of
                 :meth:`model_fn` (e.g. a :class:`noisewise.serving.ForwardBatcher` over it).
