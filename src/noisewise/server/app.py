@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, field_validator, model_validator
 
 from .. import limits
 from ..serving.jobs import ComposeMode
@@ -59,7 +59,7 @@ class GenerateRequest(BaseModel):
         None, ge=limits.NEGATIVE_ABOVE[0], le=limits.NEGATIVE_ABOVE[1],
         description="with a negative scale: the negative prompt acts only at noise levels sigma/alpha at or above "
                     "this (0 = every level); null = the model's default")
-    negative_perpendicular: bool | None = Field(
+    negative_perpendicular: StrictBool | None = Field(
         None, description="with a negative scale: subtract only the part of the negative prompt's direction "
                           "perpendicular to the prompt's guided direction (Perp-Neg), so it does not also push "
                           "harder along the prompt; null = the model's default")
