@@ -542,12 +542,17 @@ def check_negative_above(v: Any, negative_scale: Any) -> float:
     return above
 
 
-def check_negative_perpendicular(v: Any, negative_scale: Any) -> bool:
-    """``negative_perpendicular`` checked: a bool; True projects the negative's own term, so it needs
-    a ``negative_scale``."""
+def check_flag(v: Any, name: str) -> bool:
+    """``v`` as an on/off option: exactly True or False (not 0, 1 or a string)."""
     if not isinstance(v, bool):
-        raise ValueError(f"negative_perpendicular must be True or False, got {v!r}")
-    if v and negative_scale is None:
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return v
+
+
+def check_negative_perpendicular(v: Any, negative_scale: Any) -> bool:
+    """``negative_perpendicular`` checked: a flag (:func:`check_flag`); True projects the negative's
+    own term, so it needs a ``negative_scale``."""
+    if check_flag(v, "negative_perpendicular") and negative_scale is None:
         raise ValueError("negative_perpendicular=True projects the negative prompt's own term: give "
                          "negative_scale= too (negative_scale = guidance_scale - 1 equals replacing the "
                          "unconditional branch)")

@@ -252,6 +252,7 @@ class Pipeline:
         ``negative_above`` and ``negative_perpendicular`` go with a weighted negative only; no negative
         prompt weighs, gates or projects nothing."""
         from ..guidance.guided import (
+            check_flag,
             check_negative_above,
             check_negative_perpendicular,
             check_negative_scale,
@@ -267,7 +268,7 @@ class Pipeline:
         else:
             above = float(self.defaults.get("negative_above", 0.0)) if neg_scale is not None else 0.0
         if negative_perpendicular is not None:
-            perp = check_negative_perpendicular(negative_perpendicular, 1.0)  # the type here; the scale below
+            perp = check_flag(negative_perpendicular, "negative_perpendicular")
         else:
             perp = bool(self.defaults.get("negative_perpendicular", False)) and neg_scale is not None
         if not neg.strip():
