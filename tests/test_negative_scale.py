@@ -156,19 +156,6 @@ def test_negative_above_gates_the_negative_term_and_its_rows() -> None:
     assert (half - full).abs().max() > 1e-3 and (half - off).abs().max() > 1e-3
 
 
-def test_negative_above_is_checked() -> None:
-    for bad in (-1.0, float("nan"), float("inf"), True, "1"):
-        with pytest.raises(ValueError, match="negative_above must be a finite number >= 0"):
-            GuidedDenoiser(Spy(), cond=torch.tensor([0]), uncond=UNCOND, negative=torch.tensor([1]),
-                           negative_scale=1.0, negative_above=bad, guidance_scale=2.0)
-    for d in (GuidedDenoiser, ComposedDenoiser):  # a replacing negative has no term of its own to gate
-        kw = {"uncond": UNCOND} if d is GuidedDenoiser else {"guide": UNCOND}
-        with pytest.raises(ValueError, match="negative_above= gates the negative prompt's own term: give "
-                                             "negative_scale= too"):
-            d(Spy(), cond=torch.tensor([0]), negative=torch.tensor([1]), negative_above=1.0, guidance_scale=2.0,
-              **kw)
-
-
 def _perp(d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``d`` less its projection on ``p``, row by row (the Perp-Neg formula, written out here)."""
     return d - ((d * p).sum(1, keepdim=True) / (p * p).sum(1, keepdim=True)) * p
@@ -225,17 +212,23 @@ def test_negative_perpendicular_subtracts_only_the_part_across_the_prompt() -> N
     assert torch.allclose(gated, off, atol=1e-12, rtol=0)
 
 
-def test_negative_perpendicular_is_checked() -> None:
-    for bad in (1, 0, "yes", None):
-        with pytest.raises(ValueError, match="negative_perpendicular must be True or False"):
+@pytest.mark.parametrize("option, bads, type_says, on, scale_says", [
+    ("negative_above", (-1.0, float("nan"), float("inf"), True, "1"), "negative_above must be a finite number >= 0",
+     1.0, "negative_above= gates the negative prompt's own term: give negative_scale= too"),
+    ("negative_perpendicular", (1, 0, "yes", None), "negative_perpendicular must be True or False",
+     True, "negative_perpendicular=True projects the negative prompt's own term: give negative_scale= too"),
+])
+def test_negative_gate_and_projection_are_checked(option, bads, type_says, on, scale_says) -> None:
+    """Each option of the weighted negative refuses a bad value, and refuses to act on a replacing
+    negative (which has no term of its own to gate or project), in both denoisers."""
+    for bad in bads:
+        with pytest.raises(ValueError, match=type_says):
             GuidedDenoiser(Spy(), cond=torch.tensor([0]), uncond=UNCOND, negative=torch.tensor([1]),
-                           negative_scale=1.0, negative_perpendicular=bad, guidance_scale=2.0)
-    for d in (GuidedDenoiser, ComposedDenoiser):  # a replacing negative has no term of its own to project
+                           negative_scale=1.0, guidance_scale=2.0, **{option: bad})
+    for d in (GuidedDenoiser, ComposedDenoiser):
         kw = {"uncond": UNCOND} if d is GuidedDenoiser else {"guide": UNCOND}
-        with pytest.raises(ValueError, match="negative_perpendicular=True projects the negative prompt's own "
-                                             "term: give negative_scale= too"):
-            d(Spy(), cond=torch.tensor([0]), negative=torch.tensor([1]), negative_perpendicular=True,
-              guidance_scale=2.0, **kw)
+        with pytest.raises(ValueError, match=scale_says):
+            d(Spy(), cond=torch.tensor([0]), negative=torch.tensor([1]), guidance_scale=2.0, **{option: on}, **kw)
 
 
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf"), True, "1"])
