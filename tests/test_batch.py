@@ -143,15 +143,22 @@ def test_image_to_image_items(tmp_path):
     img = render(scene_for_request(parse_prompt("a large red circle on the left"), np.random.default_rng(3)))
     (tmp_path / "pics").mkdir()
     Image.fromarray(img).save(tmp_path / "pics" / "in.png")
+    Image.fromarray(img).resize((64, 64), Image.NEAREST).save(tmp_path / "pics" / "view.png")
     p = tmp_path / "img.jsonl"
     p.write_text(json.dumps({"prompt": "a green square", "image": "pics/in.png", "strength": 0.5, "steps": 6,
                              "seed": 4, "id": "half"}) + "\n"
-                 + json.dumps({"prompt": "a green square", "image": "pics/in.png", "steps": 5, "seed": 4}) + "\n")
+                 + json.dumps({"prompt": "a green square", "image": "pics/in.png", "steps": 5, "seed": 4}) + "\n"
+                 + json.dumps({"prompt": "a green square", "image": "pics/view.png", "steps": 5, "seed": 4,
+                               "resize": "stretch", "id": "view"}) + "\n")
     items = jobs.read_items(p)
     assert items[0]["init"] is items[1]["init"]  # one decode per file
+    assert [it["resize"] for it in items] == ["auto", "auto", "stretch"]
     out = tmp_path / "out"
-    assert jobs.run_batch(items, out, progress=False).done == 2
+    assert jobs.run_batch(items, out, progress=False).done == 3
     pipe = Pipeline.from_pretrained("shapes-vp")
+    view = json.loads((out / "view.json").read_text())  # a 2x view, scaled back: the native image's result
+    assert np.array_equal(_images(out, view)[0], _images(out, json.loads((out / "000001.json").read_text()))[0])
+    assert view["metadata"][0]["resize"] == "stretch" and view["metadata"][0]["init_image"]["size"] == [64, 64]
     for item_id, strength, steps in (("half", 0.5, 6), ("000001", 0.8, 5)):
         rec = json.loads((out / f"{item_id}.json").read_text())
         direct = pipe("a green square", image=img, strength=strength, steps=steps, seed=4)
@@ -164,7 +171,9 @@ def test_image_to_image_items(tmp_path):
     for line, words in [({"prompt": "x", "strength": 0.5}, "strength needs an image"),
                         ({"prompt": "x", "image": "missing.png"}, "cannot read image 'missing.png'"),
                         ({"prompt": "x", "image": "notes.png"}, "image 'notes.png' is not a PNG or JPEG picture"),
-                        ({"prompt": "x", "image": "pics/in.png", "strength": 0}, "strength must be above 0")]:
+                        ({"prompt": "x", "image": "pics/in.png", "strength": 0}, "strength must be above 0"),
+                        ({"prompt": "x", "resize": "crop"}, "resize needs an image"),
+                        ({"prompt": "x", "image": "pics/in.png", "resize": "fit"}, "resize must be one of auto")]:
         p.write_text(json.dumps(line) + "\n")
         with pytest.raises(ValueError, match=r"img.jsonl:1: " + re.escape(words)):
             jobs.read_items(p)

@@ -104,16 +104,44 @@ def test_img2img_strength_trades_input_for_prompt():
 
 def test_img2img_bad_input_is_explained():
     pipe = shipped("shapes-vp")
-    with pytest.raises(ValueError, match="32x32"):
-        pipe("x", image=np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="must be 32x32 pixels for model 'shapes-vp', got 64x64 with resize='off'"):
+        pipe("x", image=np.zeros((64, 64, 3), np.uint8), resize="off")
+    with pytest.raises(ValueError, match="is 64x48 pixels, not square.*resize='crop'"):
+        pipe("x", image=np.zeros((48, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="resize must be one of"):
+        pipe("x", image=scene(), resize="fit")
     with pytest.raises(ValueError, match="needs image="):
         pipe("x", strength=0.5)
+    with pytest.raises(ValueError, match="resize= needs image="):
+        pipe("x", resize="crop")
     with pytest.raises(ValueError, match="strength must be"):
         pipe("x", image=scene(), strength=1.5)
     with pytest.raises(ValueError, match="one per image"):
         pipe(["x", "y", "z"], image=np.stack([scene(), scene()]))
     with pytest.raises(TypeError, match="uint8"):
         pipe("x", image=np.zeros((32, 32, 3), np.float32))
+
+
+def test_img2img_takes_other_sizes_as_resize_says():
+    """A whole-factor nearest-neighbour view (as ``noisewise generate`` writes) gives the native image's
+    result bit for bit; a wide picture cropped to its centre gives the centre's; the metadata says how."""
+    from PIL import Image
+
+    pipe = shipped("shapes-vp")
+    img = scene()
+    kw = dict(strength=0.5, steps=4, seed=2)
+    native = pipe("a red circle", image=img, **kw)
+    view = np.asarray(Image.fromarray(img).resize((256, 256), Image.NEAREST))
+    np.testing.assert_array_equal(pipe("a red circle", image=view, **kw).images, native.images)
+    assert native.metadata[0]["resize"] == "auto" and native.metadata[0]["strength"] == 0.5
+    wide = np.zeros((32, 48, 3), np.uint8)
+    wide[:, 8:40] = img  # 48 wide: the centre square is the scene
+    cropped = pipe("a red circle", image=wide, resize="crop", **kw)
+    np.testing.assert_array_equal(cropped.images, native.images)
+    assert cropped.metadata[0]["resize"] == "crop"
+    stretched = pipe("a red circle", image=wide, resize="stretch", **kw)
+    assert stretched.images.shape == native.images.shape and not np.array_equal(stretched.images, native.images)
+    assert "resize" not in pipe("a red circle", steps=2).metadata[0]  # text-to-image: nothing to resize
 
 
 def test_latent_cache_is_bounded():
@@ -272,6 +300,37 @@ def test_cli_generate_preset_and_image(tmp_path, capsys):
     assert rc != 0 and "cannot read --image" in capsys.readouterr().err
     rc = main(["generate", "x", "--strength", "0.5", "--out", str(out), "--quiet"])
     assert rc != 0 and "--image" in capsys.readouterr().err
+    rc = main(["generate", "x", "--resize", "crop", "--out", str(out), "--quiet"])
+    assert rc != 0 and "--resize needs --image" in capsys.readouterr().err
+
+
+def test_cli_generate_takes_its_own_view_back(tmp_path, capsys):
+    """``generate`` writes an 8x pixel-exact view; ``--image`` that view is ``--image`` the native PNG."""
+    from PIL import Image
+
+    from noisewise.cli import main
+
+    first = tmp_path / "first.png"
+    assert main(["generate", "a red circle", "--steps", "2", "--out", str(first), "--quiet"]) == 0
+    assert Image.open(first).size == (256, 256) and Image.open(tmp_path / "first-0.png").size == (32, 32)
+    outs = {}
+    for name, src in (("view", first), ("native", tmp_path / "first-0.png")):
+        outs[name] = tmp_path / f"{name}.png"
+        rc = main(["generate", "a blue square", "--image", str(src), "--strength", "0.6", "--steps", "4",
+                   "--out", str(outs[name]), "--quiet"])
+        assert rc == 0, capsys.readouterr().err
+    got = {k: np.asarray(Image.open(v.with_name(f"{k}-0.png")).convert("RGB")) for k, v in outs.items()}
+    np.testing.assert_array_equal(got["view"], got["native"])
+    meta = json.loads(Image.open(tmp_path / "view-0.png").text["parameters"])
+    assert meta["resize"] == "auto" and meta["init_image"]["size"] == [256, 256]
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (64, 32)).save(wide)
+    rc = main(["generate", "x", "--image", str(wide), "--out", str(tmp_path / "w.png"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "not square" in err and "--resize crop" in err and "Traceback" not in err
+    rc = main(["generate", "x", "--image", str(wide), "--resize", "crop", "--steps", "2",
+               "--out", str(tmp_path / "w.png"), "--quiet"])
+    assert rc == 0
 
 
 # -- torch.compile -------------------------------------------------------------------------------------

@@ -69,3 +69,28 @@ def test_batch_lines_take_the_table_ranges(tmp_path):
         p.write_text(json.dumps({"prompt": "x", field: over}) + "\n")
         with pytest.raises(ValueError, match=f"p.jsonl:1: {field} must be from"):
             jobs.read_items(p)
+
+
+def test_the_resize_modes_are_the_same_everywhere(tmp_path):
+    """Image-to-image ``resize``: the pipeline's check, ``generate --resize``, the HTTP schema and batch
+    lines all take exactly ``limits.RESIZE_MODES``."""
+    pytest.importorskip("fastapi")
+    from PIL import Image
+
+    from noisewise.cli import build_parser
+    from noisewise.pipeline.img2img import check_resize
+    from noisewise.server.app import GenerateRequest
+    from noisewise.serving import jobs
+
+    assert limits.RESIZE_MODES == ("auto", "crop", "stretch", "off")
+    assert [check_resize(m) for m in limits.RESIZE_MODES] == list(limits.RESIZE_MODES)
+    prop = GenerateRequest.model_json_schema()["properties"]["resize"]
+    assert next(a["enum"] for a in prop["anyOf"] if "enum" in a) == list(limits.RESIZE_MODES)
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                  if "--resize" in a.option_strings)
+    assert list(action.choices) == list(limits.RESIZE_MODES)
+    Image.new("RGB", (4, 4)).save(tmp_path / "in.png")
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": "x", "image": "in.png", "resize": m}) + "\n"
+                         for m in limits.RESIZE_MODES))
+    assert [i["resize"] for i in jobs.read_items(p)] == list(limits.RESIZE_MODES)

@@ -97,6 +97,26 @@ def test_img2img_json_and_png_equal_the_pipeline_with_the_image_recorded(client,
     assert json.loads(r.headers["x-noisewise-parameters"])["init_image"] == want
 
 
+def test_an_image_of_another_size_is_resized_as_asked(client, pipe):
+    """A wide picture with the scene in its centre, ``"resize": "crop"``: the scene's own result, and the
+    metadata says how (the init image's record keeps the uploaded size)."""
+    img = scene()
+    wide = np.zeros((32, 40, 3), np.uint8)
+    wide[:, 4:36] = img
+    data = encode(wide)
+    body = {"prompt": "a green square", "image": b64(data), "strength": 0.5, "steps": 4, "seed": 5, "resize": "crop"}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    direct = pipe("a green square", image=img, strength=0.5, steps=4, seed=5)
+    assert np.array_equal(_png(r.json()["images"][0]["png_base64"]), direct.images[0])
+    meta = r.json()["images"][0]["metadata"]
+    assert meta["resize"] == "crop" and meta["init_image"]["size"] == [40, 32]
+    square = np.asarray(Image.fromarray(img).resize((36, 36), Image.BICUBIC))  # "auto" scales a square picture
+    r = client.post("/v1/generate", json={**body, "image": b64(encode(square)), "resize": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["images"][0]["metadata"]["resize"] == "auto"
+
+
 def test_jpeg_data_url_and_default_strength(client, pipe):
     img = scene("a small blue square at the top", seed=5)
     jpg = encode(img, "JPEG", quality=90)
@@ -198,7 +218,11 @@ def _gif() -> bytes:
     ({"image": b64(encode(scene())[:120])}, "could not be decoded"),
     ({"image": b64(encode(scene(), pad=MAX_IMAGE_BYTES))}, f"limit of {MAX_IMAGE_BYTES} bytes"),
     ({"image": b64(encode(np.zeros((64, 64, 3), np.uint8)))}, f"limit of {MAX_IMAGE_PIXELS}"),
-    ({"image": b64(encode(np.zeros((32, 40, 3), np.uint8)))}, "takes 32x32 images"),
+    ({"image": b64(encode(np.zeros((32, 40, 3), np.uint8)))}, 'not square, and model \'shapes-vp\' takes 32x32 '
+                                                              'images: use \\"resize\\": \\"crop\\"'),
+    ({"image": b64(encode(np.zeros((36, 36, 3), np.uint8))), "resize": "off"}, 'got 36x36 with \\"resize\\": '),
+    ({"image": b64(encode(scene())), "resize": "fit"}, "'auto', 'crop', 'stretch' or 'off'"),
+    ({"resize": "crop"}, "resize needs an init image"),
     ({"image": b64(encode(scene())), "strength": 0}, "strength must be above 0"),
     ({"image": b64(encode(scene())), "strength": 1.5}, "strength must be above 0"),
     ({"image": b64(encode(scene())), "strength": "lots"}, "valid number"),

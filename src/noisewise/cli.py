@@ -140,8 +140,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         image = init.pixels
         # what identifies the init image, as the server records it: the file's and the pixels' SHA-256
         init_info = {"init_image": dict(init.info(), path=str(a.image))}
-    elif a.strength is not None:
-        raise UserError("--strength needs --image (image-to-image)")
+    elif a.strength is not None or a.resize is not None:
+        raise UserError(f"{'--strength' if a.strength is not None else '--resize'} needs --image (image-to-image)")
     try:
         pipe = Pipeline.from_pretrained(a.model, device=device)
         if a.preset is not None:
@@ -154,6 +154,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
         PRESETS[a.preset].steps if a.preset is not None else pipe.defaults["steps"])
     if image is not None:
         from .core.grid import strength_start
+        from .pipeline.img2img import check_image_size
+
+        try:  # before sampling, in this command's own words
+            check_image_size(image.shape[1], image.shape[0], int(pipe.sample_size), a.resize or "auto", a.model,
+                             spell="--resize {}")
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
         steps -= strength_start(steps, 0.8 if a.strength is None else a.strength)
     bar = None
@@ -174,7 +181,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             a.prompt, negative_prompt=a.negative_prompt, negative_scale=a.negative_scale, num_images=a.num_images,
             seed=a.seed,
             sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale, callback=on_step, preset=a.preset,
-            **({"image": image, "strength": a.strength} if image is not None else {}),
+            **({"image": image, "strength": a.strength, "resize": a.resize} if image is not None else {}),
             **({"spacing": a.spacing} if a.spacing is not None else {}),
             **{k: v for k, v in (("negative_above", a.negative_above),
                                  ("negative_perpendicular", a.negative_perpendicular), ("compose", a.compose),
@@ -252,9 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="latency/quality preset (sampler, steps, precision; the model's guidance scale); explicit "
                         "options win")
-    g.add_argument("--image", default=None, help="image-to-image: start from this picture (model size, e.g. 32x32)")
+    g.add_argument("--image", default=None,
+                   help="image-to-image: start from this PNG/JPEG picture, brought to the model's size by --resize")
     g.add_argument("--strength", type=_float_range(0.0, 1.0, "--strength"), default=None,
                    help="image-to-image strength: 0 keeps the image, 1 ignores it (default 0.8)")
+    g.add_argument("--resize", choices=list(limits.RESIZE_MODES), default=None,
+                   help="image-to-image: how a picture of another size becomes the model's: 'auto' (default) "
+                        "scales a square picture and refuses other shapes, 'crop' scales the centre square, "
+                        "'stretch' scales each side on its own, 'off' refuses every other size. A view this "
+                        "command wrote (--scale) shrinks back to exactly its pixels")
     g.add_argument("--compose", choices=["off", "and", "regions", "objects", "binding", "layout"], default=None,
                    help="prompt composition (docs/composition.md): 'regions' lays out the two objects of "
                         "a shapes prompt and guides each with its own phrase in its region (the shapes models' "

@@ -17,6 +17,8 @@ NEGATIVE_SCALE = (0.0, 50.0)
 NEGATIVE_ABOVE = (0.0, 1000.0)  # a noise level sigma / alpha (docs/guidance.md)
 SEED = (0, 2**62)
 NUM_IMAGES = (1, 64)
+# image-to-image: how an init image of another size becomes the model's (noisewise.pipeline.img2img)
+RESIZE_MODES = ("auto", "crop", "stretch", "off")
 
 
 def check_int(value: Any, bounds: tuple[int, int], name: str) -> int:

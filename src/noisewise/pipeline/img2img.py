@@ -5,6 +5,12 @@ the noised encoding at the ``strength`` level of the sampler's grid (``nw.sample
 ``int(steps * strength)`` run; ``1`` starts from (almost) pure noise, ``0`` returns the input.
 The VAE encodes to the posterior mean (deterministic, so an image is encoded once); diffusers
 samples the posterior instead, a difference of one posterior standard deviation in the start state.
+
+An input image of another size is brought to the model's (``resize``, :data:`RESIZE_MODES`): ``"auto"``
+scales a square image and refuses any other shape, ``"crop"`` cuts the centre square first, ``"stretch"``
+scales each side on its own, ``"off"`` refuses every other size. Shrinking is the exact area average,
+so an image enlarged by a whole factor with nearest-neighbour pixels (``noisewise generate``'s pixel-exact
+view) shrinks back to exactly its pixels; enlarging is bicubic.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..limits import RESIZE_MODES
 from .vae import LatentCodec
 
 Tensor = torch.Tensor
 DEFAULT_STRENGTH = 0.8
+DEFAULT_RESIZE = "auto"
 
 
 def _to_chw_list(image: Any) -> list[Tensor]:
@@ -119,18 +127,85 @@ def latent_cache(pipe: Any) -> LatentCache:
     return c
 
 
-def encode_images(pipe: Any, image: Any, n: int) -> Tensor:
-    """Latents ``(n, C, h, w)`` for ``n`` generations: one input image for all, or one per image."""
+def check_resize(resize: Any) -> str:
+    """``resize`` checked: one of :data:`RESIZE_MODES` (``None`` = :data:`DEFAULT_RESIZE`)."""
+    if resize is None:
+        return DEFAULT_RESIZE
+    if not isinstance(resize, str) or resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)} (how an input image of another size "
+                         f"becomes the model's), got {resize!r}")
+    return resize
+
+
+def check_image_size(width: int, height: int, size: int, resize: str, model: str,
+                     spell: str = "resize={!r}") -> None:
+    """ValueError saying what to do when a ``width`` x ``height`` input image cannot become the
+    ``size`` x ``size`` input of ``model`` under ``resize`` (a checked mode). ``spell`` writes the option
+    with a value as the caller's user types it (``"--resize {}"`` on the command line)."""
+    if (width, height) == (size, size) or resize in ("crop", "stretch"):
+        return
+    if resize == "off":
+        raise ValueError(f"input images must be {size}x{size} pixels for model {model!r}, got {width}x{height} "
+                         f"with {spell.format('off')}; resize them first (e.g. PIL Image.resize(({size}, {size}))), "
+                         f"or use {spell.format('auto')}")
+    if width != height:
+        raise ValueError(f"the input image is {width}x{height} pixels, not square, and model {model!r} takes "
+                         f"{size}x{size} images: use {spell.format('crop')} (the centre square, scaled) or "
+                         f"{spell.format('stretch')} (each side scaled on its own), or crop it yourself")
+
+
+def area_weights(n_in: int, n_out: int) -> Tensor:
+    """``(n_out, n_in)`` float64 weights: row ``i`` averages the input over output pixel ``i``'s span
+    ``[i r, (i + 1) r)`` (``r = n_in / n_out >= 1``), a partly covered pixel weighted by its overlap."""
+    r = n_in / n_out
+    lo = torch.arange(n_out, dtype=torch.float64)[:, None] * r
+    j = torch.arange(n_in, dtype=torch.float64)[None, :]
+    return (torch.minimum(lo + r, j + 1) - torch.maximum(lo, j)).clamp(min=0.0) / r
+
+
+def fit_image(img: Tensor, size: int, resize: str, model: str) -> Tensor:
+    """One float ``(3, H, W)`` image in [0, 1] brought to ``(3, size, size)`` under ``resize`` (a checked
+    mode; ValueError from :func:`check_image_size` when it refuses). A side that shrinks is the exact
+    area average (so a whole-factor nearest-neighbour enlargement shrinks back to its pixels); a side
+    that grows is bicubic, clamped to [0, 1]."""
+    import torch.nn.functional as F
+
+    h, w = int(img.shape[1]), int(img.shape[2])
+    check_image_size(w, h, size, resize, model)
+    if (h, w) == (size, size):
+        return img
+    if resize == "crop" and h != w:
+        m = min(h, w)
+        top, left = (h - m) // 2, (w - m) // 2
+        img = img[:, top:top + m, left:left + m]
+        h = w = m
+    # float64, so that averaging equal pixels gives back their float32 value exactly; one channel at a
+    # time, the height first, so a 4096x4096 picture needs one 128 MiB channel copy at most
+    ah = area_weights(h, size) if h > size else None
+    aw = area_weights(w, size) if w > size else None
+    chans = []
+    for c in img.detach().cpu():
+        c = c.to(torch.float64)
+        if ah is not None:
+            c = ah @ c
+        if aw is not None:
+            c = c @ aw.T
+        chans.append(c)
+    x = torch.stack(chans)
+    if tuple(x.shape[1:]) != (size, size):  # a side grows (bicubic leaves a side already at size as it is)
+        x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False)[0]
+    return x.clamp(0.0, 1.0).to(torch.float32)
+
+
+def encode_images(pipe: Any, image: Any, n: int, resize: str = DEFAULT_RESIZE) -> Tensor:
+    """Latents ``(n, C, h, w)`` for ``n`` generations: one input image for all, or one per image, each
+    brought to the model's size under ``resize`` (:func:`fit_image`)."""
+    resize = check_resize(resize)
     imgs = _to_chw_list(image)
     if not imgs:
         raise ValueError("give at least one input image")
-    size = pipe.sample_size
-    for im in imgs:
-        if tuple(im.shape[1:]) != (size, size):
-            raise ValueError(
-                f"input images must be {size}x{size} pixels for model {pipe.name!r}, got "
-                f"{im.shape[2]}x{im.shape[1]}; resize them first (e.g. PIL Image.resize(({size}, {size})))"
-            )
+    size = int(pipe.sample_size)
+    imgs = [fit_image(im, size, resize, pipe.name) for im in imgs]
     if len(imgs) == 1:
         imgs = imgs * n
     elif len(imgs) != n:

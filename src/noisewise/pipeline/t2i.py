@@ -317,6 +317,7 @@ class Pipeline:
         model: Callable[..., Tensor] | None = None,
         image: Any = None,
         strength: float | None = None,
+        resize: str | None = None,
         preset: str | None = None,
         compose: str | None = None,
         compose_scale: float | None = None,
@@ -351,6 +352,11 @@ class Pipeline:
             image / strength: image-to-image (:mod:`noisewise.pipeline.img2img`): start from the VAE
                 encoding of ``image`` (one, or one per generated image) noised to the ``strength``
                 level (default 0.8; 1 ignores the image, 0 returns it).
+            resize: how an input image of another size becomes the model's: ``"auto"`` (default) scales
+                a square image and refuses other shapes, ``"crop"`` scales the centre square, ``"stretch"``
+                scales each side on its own, ``"off"`` refuses every other size. Shrinking averages pixel
+                areas, so an image enlarged by a whole factor (``noisewise generate``'s view) gives back
+                exactly its pixels.
             preset: ``"realtime"``, ``"balanced"`` or ``"quality"`` (:mod:`noisewise.pipeline.presets`):
                 sampler, steps, guidance and sampler options; explicit arguments override it.
             compose: prompt composition (``docs/composition.md``; all rows in one batched forward):
@@ -446,13 +452,16 @@ class Pipeline:
             if c_full != w:
                 scale = torch.tensor([c_full if c else w for c in composed.components], dtype=torch.float64)
         noise = self.initial_noise(seeds)
-        if image is not None or strength is not None:
-            from .img2img import DEFAULT_STRENGTH, check_strength, encode_images
+        if image is not None or strength is not None or resize is not None:
+            from .img2img import DEFAULT_STRENGTH, check_resize, check_strength, encode_images
 
             if image is None:
-                raise ValueError("strength= needs image= (the input image of image-to-image)")
+                what = "strength=" if strength is not None else "resize="
+                raise ValueError(f"{what} needs image= (the input image of image-to-image)")
             s = check_strength(DEFAULT_STRENGTH if strength is None else strength)
-            sampler_options = {**sampler_options, "init": encode_images(self, image, len(prompts)), "strength": s}
+            resize = check_resize(resize)
+            sampler_options = {**sampler_options, "init": encode_images(self, image, len(prompts), resize),
+                               "strength": s}
         latents, nfe = self._sample(noise, cond, uncond, scale, sampler, steps, callback, model=model,
                                     **sampler_options, **guide_kw)
         images = self.decode(latents)
@@ -468,7 +477,7 @@ class Pipeline:
                                                                       if isinstance(v, (int, float, str, bool))},
                 "size": [int(images.shape[1]), int(images.shape[2])], "noisewise": __version__,
                 **({"preset": preset} if preset is not None else {}),
-                **({"strength": sampler_options["strength"]} if "init" in sampler_options else {}),
+                **({"strength": sampler_options["strength"], "resize": resize} if "init" in sampler_options else {}),
                 "compose": mode,  # always: a rerun without it would get the model's default composition
                 **({"compose_scale": c_scale, "compose_full_scale": c_full, "components": cs,
                     **({"region_sigma": sigma, "region_context_below": context} if mode.startswith("regions")

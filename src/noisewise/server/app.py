@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -36,6 +36,7 @@ from .service import (
 
 logger = logging.getLogger(__name__)
 
+ResizeMode = Literal[limits.RESIZE_MODES]  # type: ignore[valid-type]  # the tuple's values
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # model names only: no '/', no path
 
 
@@ -82,11 +83,16 @@ class GenerateRequest(BaseModel):
     image: Annotated[InitImage | None, WithJsonSchema({"anyOf": [{"type": "string", "contentEncoding": "base64"},
                                                                 {"type": "null"}]})] = Field(
         None, description="image-to-image: the init image, a PNG or JPEG file base64-encoded (a "
-                          "'data:image/png;base64,' prefix is allowed), at the model's size (GET /v1/models 'size'; "
-                          "not resized), at most max_image_bytes / max_image_pixels (GET /v1/limits)")
+                          "'data:image/png;base64,' prefix is allowed), brought to the model's size (GET /v1/models "
+                          "'size') as 'resize' says, at most max_image_bytes / max_image_pixels (GET /v1/limits)")
     strength: float | None = Field(
         None, gt=0.0, le=1.0, description="image-to-image strength in (0, 1]: the last int(steps * strength) steps "
                                           "run from the noised image; 1 ignores the image. Default 0.8; needs image")
+    resize: ResizeMode | None = Field(
+        None, description="image-to-image: how an image of another size becomes the model's: 'auto' (the default) "
+                          "scales a square image and refuses other shapes, 'crop' scales the centre square, "
+                          "'stretch' scales each side on its own, 'off' refuses every other size. Shrinking "
+                          "averages pixel areas. Needs image")
 
     # operator limits on the init image (create_app binds the server's; these are ServerConfig's defaults)
     image_limits: ClassVar[tuple[int, int]] = (ServerConfig.max_image_bytes, ServerConfig.max_image_pixels)
@@ -112,9 +118,10 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _strength_needs_image(self) -> GenerateRequest:
-        if self.image is None and self.strength is not None:
-            raise ValueError("strength needs an init image: send the picture base64-encoded in 'image', or "
-                             "leave strength out for text-to-image")
+        for k in ("strength", "resize"):
+            if self.image is None and getattr(self, k) is not None:
+                raise ValueError(f"{k} needs an init image: send the picture base64-encoded in 'image', or "
+                                 f"leave {k} out for text-to-image")
         return self
 
     def to_params(self) -> dict[str, Any]:

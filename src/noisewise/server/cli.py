@@ -90,7 +90,8 @@ def add_cli(sub: Any) -> None:
                        description="Each line: {\"prompt\": ..., optional negative_prompt, negative_scale, "
                                    "negative_above, negative_perpendicular, model, sampler, steps, "
                                    "guidance_scale, compose, seed, num_images, id, image (a PNG/JPEG path relative "
-                                   "to the file: image-to-image), strength}. Resumable: finished items are skipped.")
+                                   "to the file: image-to-image), strength, resize (auto, crop, stretch or off)}. "
+                                   "Resumable: finished items are skipped.")
     b.add_argument("prompts", help="JSONL file, one item per line")
     b.add_argument("--out", required=True, help="output folder (<id>.png + <id>.json per item)")
     b.add_argument("--engine", choices=["local", "ray"], default="local")

@@ -461,7 +461,8 @@ class GenerationService:
 
     def _validate_image(self, p: dict[str, Any]) -> None:
         """Image-to-image fields: ``image`` (base64, decoded here) or ``init_image`` (already decoded by
-        the request model) and ``strength`` in (0, 1] (default 0.8); the model must take images of this size."""
+        the request model), ``strength`` in (0, 1] (default 0.8) and ``resize`` (default ``"auto"``); the
+        model must be able to take the image at its size under ``resize``."""
         from ..pipeline.img2img import DEFAULT_STRENGTH
 
         c = self.config
@@ -475,10 +476,10 @@ class GenerationService:
         strength = p.get("strength")
         if init is None:
             p.pop("init_image", None)
-            if strength is not None:
-                raise ServiceError("strength needs an init image: send it base64-encoded in 'image', or leave "
-                                   "strength out for text-to-image", 422)
-            p.pop("strength", None)
+            for k in ("strength", "resize"):
+                if p.pop(k, None) is not None:
+                    raise ServiceError(f"{k} needs an init image: send it base64-encoded in 'image', or leave "
+                                       f"{k} out for text-to-image", 422)
             return
         if not isinstance(init, InitImage):
             raise ServiceError("init_image must be a decoded InitImage; send the picture in 'image'", 422)
@@ -493,11 +494,14 @@ class GenerationService:
             alt = f"; models that can: {', '.join(img_models)}" if img_models else ""
             raise ServiceError(f"model {p['model']!r} cannot do image-to-image (it has no image encoder); leave "
                                f"image and strength out, or pick another model{alt}", 422)
-        size = int(pipe.sample_size)
-        if init.size != (size, size):
-            raise ServiceError(f"the init image is {init.size[0]}x{init.size[1]} pixels; model {p['model']!r} takes "
-                               f"{size}x{size} images (as Pipeline.img2img does, the server does not resize): "
-                               f"resize it first, e.g. PIL Image.resize(({size}, {size}))", 422)
+        from ..pipeline.img2img import check_image_size, check_resize
+
+        try:
+            resize = check_resize(p.get("resize"))
+            check_image_size(*init.size, int(pipe.sample_size), resize, p["model"], spell='"resize": "{}"')
+        except ValueError as e:
+            raise ServiceError(str(e), 422) from None
+        p["resize"] = resize
         p["init_image"] = init
         p["strength"] = float(strength)
 
@@ -567,7 +571,7 @@ class GenerationService:
             if nw.get_sampler(sampler).stochastic:  # seeded per image: reproducible and independent of batching
                 extra["generator"] = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
             if init is not None:
-                extra.update(image=init.pixels, strength=params["strength"])
+                extra.update(image=init.pixels, strength=params["strength"], resize=params["resize"])
             res = model.pipe(params.get("prompt", ""), num_images=len(seeds), seed=params["seed"],
                              callback=on_step, model=net, **kw, **extra)
             if init is not None:  # reproducible with the init image at hand (the pipeline records the strength)

@@ -28,6 +28,13 @@ INDEX_HTML = r"""<!doctype html>
   <label for="negative_scale">Negative scale</label>
   <span><input type="number" id="negative_scale" min="0" max="50" step="0.25" placeholder="model default">
     <span class="hint">its own weight; blank: the model's default</span></span>
+  <label for="negative_above">Negative from noise</label>
+  <span><input type="number" id="negative_above" min="0" max="1000" step="0.1" placeholder="model default">
+    <span class="hint">with its own weight: acts only at noise levels &sigma;/&alpha; at or above this (0: every level)</span></span>
+  <label for="negative_perpendicular">Negative across only</label>
+  <span><select id="negative_perpendicular"><option value="">model default</option><option value="true">on</option>
+    <option value="false">off</option></select>
+    <span class="hint">with its own weight: subtract only the part perpendicular to the prompt's direction</span></span>
   <label for="model">Model</label><select id="model"></select>
   <label for="sampler">Sampler</label><select id="sampler"></select>
   <label for="steps">Steps</label><input type="number" id="steps" min="1" value="20">
@@ -36,7 +43,11 @@ INDEX_HTML = r"""<!doctype html>
   <label for="init_image">Init image (optional)</label>
   <span><input type="file" id="init_image" accept="image/png,image/jpeg">
     <button type="button" id="clear_image" disabled>Remove</button>
-    <img id="init_preview" class="thumb" alt=""> <span id="init_info" class="hint">image-to-image: a PNG or JPEG at the model's size</span></span>
+    <img id="init_preview" class="thumb" alt=""> <span id="init_info" class="hint">image-to-image: a PNG or JPEG</span></span>
+  <label for="resize">Resize</label>
+  <span><select id="resize" disabled><option value="auto">auto</option><option value="crop">crop</option>
+    <option value="stretch">stretch</option><option value="off">off</option></select>
+    <span class="hint">to the model's size: auto scales a square picture, crop its centre square, stretch each side; off refuses</span></span>
   <label for="strength">Strength</label>
   <span><input type="range" id="strength" min="0.05" max="1" step="0.05" value="0.8" disabled>
     <output id="strength_value" for="strength">0.8</output> <span class="hint">1 ignores the image; small values keep it</span></span>
@@ -55,8 +66,8 @@ let controller = null;
 let initImage = null;  // base64 of the chosen file (no data: prefix), or null for text-to-image
 function clearImage() {
   initImage = null; $('init_image').value = ''; $('init_preview').removeAttribute('src');
-  $('init_info').textContent = "image-to-image: a PNG or JPEG at the model's size";
-  $('strength').disabled = true; $('clear_image').disabled = true;
+  $('init_info').textContent = 'image-to-image: a PNG or JPEG';
+  $('strength').disabled = true; $('resize').disabled = true; $('clear_image').disabled = true;
 }
 function pickImage() {
   const f = $('init_image').files[0];
@@ -67,7 +78,7 @@ function pickImage() {
     initImage = url.slice(url.indexOf(',') + 1);
     $('init_preview').src = url;  // shows nothing for a file that is not a picture; the server says why
     $('init_info').textContent = `${f.name} (${f.size} bytes)`;
-    $('strength').disabled = false; $('clear_image').disabled = false;
+    $('strength').disabled = false; $('resize').disabled = false; $('clear_image').disabled = false;
   };
   reader.onerror = () => { clearImage(); $('error').textContent = 'cannot read the file: ' + reader.error; };
   reader.readAsDataURL(f);
@@ -87,11 +98,16 @@ async function fill() {
 function request() {
   const neg = $('negative_prompt').value;
   const negScale = $('negative_scale').value;
+  const negAbove = $('negative_above').value;
+  const negPerp = $('negative_perpendicular').value;
   return { prompt: $('prompt').value, negative_prompt: neg === '' ? null : neg,
-           negative_scale: negScale === '' ? null : parseFloat(negScale), model: $('model').value,
+           negative_scale: negScale === '' ? null : parseFloat(negScale),
+           negative_above: negAbove === '' ? null : parseFloat(negAbove),
+           negative_perpendicular: negPerp === '' ? null : negPerp === 'true', model: $('model').value,
            sampler: $('sampler').value, steps: parseInt($('steps').value), seed: parseInt($('seed').value),
            guidance_scale: parseFloat($('guidance_scale').value),
-           ...(initImage === null ? {} : { image: initImage, strength: parseFloat($('strength').value) }) };
+           ...(initImage === null ? {} : { image: initImage, strength: parseFloat($('strength').value),
+                                           resize: $('resize').value }) };
 }
 function onEvent(ev, steps) {
   if (ev.event === 'queued') { $('status').textContent = 'queued'; }

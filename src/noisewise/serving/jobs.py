@@ -2,12 +2,12 @@
 
 Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "negative_scale"?, "negative_above"?,
 "negative_perpendicular"?, "model"?, "sampler"?, "steps"?, "guidance_scale"?, "compose"?, "seed"?, "num_images"?,
-"id"?, "image"?, "strength"?}``;
+"id"?, "image"?, "strength"?, "resize"?}``;
 missing fields take the job's defaults, a missing seed is ``base_seed + line index`` (so a job is
 reproducible as a whole). Every line is checked when the file is read, numbers against the ranges
 ``noisewise generate`` and the HTTP API accept (:mod:`noisewise.limits`), so a bad line stops the job
 before any work and names its line. ``image`` (a PNG/JPEG path, relative to the JSONL file's folder)
-and ``strength`` make the item image-to-image, as over HTTP: the driver reads and checks each picture
+and ``strength`` (and ``resize``) make the item image-to-image, as over HTTP: the driver reads and checks each picture
 once when the file is read (so Ray workers need no shared file system) and the metadata records the
 strength and its hashes.
 An item's images go to ``DIR/<id>.png`` (``<id>-<i>.png`` for several) and its parameters to
@@ -36,7 +36,8 @@ from .. import limits
 logger = logging.getLogger(__name__)
 
 ITEM_FIELDS = ("id", "prompt", "negative_prompt", "negative_scale", "negative_above", "negative_perpendicular",
-               "model", "sampler", "steps", "guidance_scale", "compose", "seed", "num_images", "image", "strength")
+               "model", "sampler", "steps", "guidance_scale", "compose", "seed", "num_images", "image", "strength",
+               "resize")
 # the composition modes a job (over HTTP, in a batch file) may ask for (docs/composition.md); None = the model's default
 ComposeMode = Literal["off", "and", "regions"]
 COMPOSE_MODES: tuple[str, ...] = get_args(ComposeMode)
@@ -142,16 +143,22 @@ def _checked_item(raw: dict[str, Any], d: JobDefaults, index: int) -> dict[str, 
 def _read_init_image(item: dict[str, Any], raw: dict[str, Any], base: Path, pictures: dict[Path, Any],
                      where: str) -> None:
     """``image`` / ``strength`` of one line -> ``item["image"]`` (the path as written), ``item["init"]``
-    (a decoded :class:`noisewise.server.service.InitImage`) and ``item["strength"]`` (default 0.8)."""
-    from ..pipeline.img2img import DEFAULT_STRENGTH
+    (a decoded :class:`noisewise.server.service.InitImage`), ``item["strength"]`` (default 0.8) and
+    ``item["resize"]`` (default ``"auto"``; the size itself is checked against the model when the item runs)."""
+    from ..pipeline.img2img import DEFAULT_STRENGTH, check_resize
     from ..server.service import decode_image_bytes
 
     image, strength = raw.get("image"), raw.get("strength")
     if image is None:
-        if strength is not None:
-            raise ValueError(f"{where}: strength needs an image (a PNG/JPEG path); leave strength out for "
-                             "text-to-image")
+        for k in ("strength", "resize"):
+            if raw.get(k) is not None:
+                raise ValueError(f"{where}: {k} needs an image (a PNG/JPEG path); leave {k} out for "
+                                 "text-to-image")
         return
+    try:
+        resize = check_resize(raw.get("resize"))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     if not isinstance(image, str) or not image:
         raise ValueError(f"{where}: image must be a PNG/JPEG file path (relative to the JSONL file's folder)")
     if strength is None:
@@ -171,7 +178,7 @@ def _read_init_image(item: dict[str, Any], raw: dict[str, Any], base: Path, pict
                                                what=f"image {image!r}", where="")
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    item.update(image=image, init=pictures[key], strength=float(strength))
+    item.update(image=image, init=pictures[key], strength=float(strength), resize=resize)
 
 
 class ItemRunner:
@@ -206,7 +213,7 @@ class ItemRunner:
             extra["generator"] = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
         init = item.get("init")
         if init is not None:
-            extra.update(image=init.pixels, strength=item["strength"])
+            extra.update(image=init.pixels, strength=item["strength"], resize=item["resize"])
         res = pipe(item["prompt"], negative_prompt=item["negative_prompt"], negative_scale=item.get("negative_scale"),
                    negative_above=item.get("negative_above"),
                    negative_perpendicular=item.get("negative_perpendicular"), num_images=item["num_images"],
