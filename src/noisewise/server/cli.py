@@ -14,6 +14,21 @@ def _csv(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
+def _setting(field: str, option: str) -> Any:
+    """argparse type: ``option``'s text as the server setting ``field`` (``limits.SERVER_SETTINGS``)."""
+    def parse(s: str) -> int | float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be a number, got {s!r}") from None
+        try:
+            return limits.check_setting(field, v, option)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -23,12 +38,19 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from . import ServerConfig, serve
 
     models = _csv(a.models)
-    cfg = ServerConfig(
-        models=models, preload=_csv(a.preload) if a.preload is not None else models[:1], max_active=a.max_active,
-        max_queue=a.max_queue, max_batch=a.max_batch, max_steps=a.max_steps, max_images=a.max_images,
-        request_timeout_s=a.timeout, batching=not a.no_batching, device=a.device, torch_threads=a.torch_threads,
-        shutdown_grace_s=a.shutdown_grace, max_image_bytes=a.max_image_bytes, max_image_pixels=a.max_image_pixels,
-    )
+    try:
+        cfg = ServerConfig(
+            models=models, preload=_csv(a.preload) if a.preload is not None else models[:1],
+            max_active=a.max_active, max_queue=a.max_queue, max_batch=a.max_batch, max_steps=a.max_steps,
+            max_images=a.max_images, request_timeout_s=a.timeout, batching=not a.no_batching, device=a.device,
+            torch_threads=a.torch_threads, shutdown_grace_s=a.shutdown_grace, max_image_bytes=a.max_image_bytes,
+            max_image_pixels=a.max_image_pixels,
+        )
+    except ValueError as e:  # --models / --preload (the numbers were checked as they were parsed)
+        from ..cli import UserError
+
+        raise UserError(str(e).replace("preload names", "--preload names").replace("models must", "--models must")
+                        ) from None
     serve(a.host, a.port, cfg, log_level=a.log_level)
     return 0
 
@@ -62,27 +84,32 @@ def add_cli(sub: Any) -> None:
                        description="Serve text-to-image over HTTP: POST /v1/generate, a web page at /, "
                                    "Prometheus /metrics. Concurrent requests share network forwards.")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_int_range(0, 65535, "--port"), default=8000, help="0: any free port")
     s.add_argument("--models", default="shapes-vp,shapes-flow",
                    help="comma-separated model names (or operator-given folders) requests may name")
     s.add_argument("--preload", default=None, help="models loaded at start (default: the first)")
-    s.add_argument("--max-active", type=int, default=32, help="requests sampling at once per model")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    s.add_argument("--max-batch", type=int, default=64, help="most rows in one network forward")
-    s.add_argument("--max-steps", type=int, default=100)
-    s.add_argument("--max-images", type=int, default=4)
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is cancelled (504)")
-    s.add_argument("--max-image-bytes", type=int, default=2 * 1024 * 1024,
+    s.add_argument("--max-active", type=_setting("max_active", "--max-active"), default=32,
+                   help="requests sampling at once per model")
+    s.add_argument("--max-queue", type=_setting("max_queue", "--max-queue"), default=64,
+                   help="waiting requests before 429")
+    s.add_argument("--max-batch", type=_setting("max_batch", "--max-batch"), default=64,
+                   help="most rows in one network forward")
+    s.add_argument("--max-steps", type=_setting("max_steps", "--max-steps"), default=100)
+    s.add_argument("--max-images", type=_setting("max_images", "--max-images"), default=4)
+    s.add_argument("--timeout", type=_setting("request_timeout_s", "--timeout"), default=120.0,
+                   help="seconds before a request is cancelled (504)")
+    s.add_argument("--max-image-bytes", type=_setting("max_image_bytes", "--max-image-bytes"), default=2 * 1024 * 1024,
                    help="image-to-image: largest init image file (PNG/JPEG bytes, default 2 MiB); 422 beyond")
-    s.add_argument("--max-image-pixels", type=int, default=2048 * 2048,
+    s.add_argument("--max-image-pixels", type=_setting("max_image_pixels", "--max-image-pixels"), default=2048 * 2048,
                    help="image-to-image: most init image pixels, read from the header before decoding "
                         "(default 2048x2048); 422 beyond")
-    s.add_argument("--shutdown-grace", type=float, default=30.0,
+    s.add_argument("--shutdown-grace", type=_setting("shutdown_grace_s", "--shutdown-grace"), default=30.0,
                    help="on SIGTERM/SIGINT: stop admitting (503), let running requests finish for this many "
                         "seconds, then cancel the rest with an explicit 503 (default 30)")
     s.add_argument("--no-batching", action="store_true", help="serve one request at a time (for comparison)")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    s.add_argument("--torch-threads", type=_setting("torch_threads", "--torch-threads"), default=None,
+                   help="torch intra-op threads (default: torch's)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
 
@@ -95,9 +122,11 @@ def add_cli(sub: Any) -> None:
     b.add_argument("prompts", help="JSONL file, one item per line")
     b.add_argument("--out", required=True, help="output folder (<id>.png + <id>.json per item)")
     b.add_argument("--engine", choices=["local", "ray"], default="local")
-    b.add_argument("--workers", type=int, default=2, help="Ray actors (each holds the pipelines)")
+    b.add_argument("--workers", type=_int_range(1, 4096, "--workers"), default=2,
+                   help="Ray actors (each holds the pipelines)")
     b.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
-    b.add_argument("--torch-threads", type=int, default=None, help="torch threads per worker")
+    b.add_argument("--torch-threads", type=_setting("torch_threads", "--torch-threads"), default=None,
+                   help="torch threads per worker")
     b.add_argument("--model", default="shapes-vp")
     b.add_argument("--sampler", default=None)
     b.add_argument("--steps", type=_int_range(*limits.STEPS, "--steps"), default=None)

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import limits
+
 logger = logging.getLogger(__name__)
 
 
@@ -81,6 +83,22 @@ class ServerConfig:
     batching: bool = True
     device: str = "cpu"
     torch_threads: int | None = None  # intra-op threads (1 is best on a small, shared CPU)
+
+    def __post_init__(self) -> None:
+        """Every setting checked (:data:`noisewise.limits.SERVER_SETTINGS`): ValueError naming it and what
+        it takes."""
+        self.models = tuple(self.models)
+        self.preload = tuple(self.preload)
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ValueError(f"models must name at least one model, got {self.models!r}")
+        stray = [m for m in self.preload if m not in self.models]
+        if stray:
+            raise ValueError(f"preload names {', '.join(map(repr, stray))}, not among the models this server may "
+                             f"load ({', '.join(self.models)}): add it to the models, or leave it out of preload")
+        for name in limits.SERVER_SETTINGS:
+            v = getattr(self, name)
+            if not (name == "torch_threads" and v is None):
+                setattr(self, name, limits.check_setting(name, v))
 
     @property
     def body_limit(self) -> int:
