@@ -55,6 +55,9 @@ def test_models_and_preload_are_checked():
     with pytest.raises(ValueError, match="preload names 'shapes-flw', not among the models"):
         ServerConfig(models=("shapes-vp", "shapes-flow"), preload=("shapes-flw",))
     assert ServerConfig(models=["shapes-vp"], preload=[]).models == ("shapes-vp",)
+    assert ServerConfig(models=("shapes-flow",)).preload == ("shapes-flow",)  # default: the first model
+    assert ServerConfig(models="shapes-flow").models == ("shapes-flow",)  # one name, not its letters
+    assert ServerConfig(preload="shapes-flow").preload == ("shapes-flow",)
 
 
 @pytest.mark.parametrize("args, words", [

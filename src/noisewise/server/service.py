@@ -53,7 +53,8 @@ class ServerConfig:
 
     Args:
         models: model names (or operator-given folders) the server may load; requests pick by name.
-        preload: models loaded at start-up (``/readyz`` turns ready once they are).
+        preload: models loaded at start-up (``/readyz`` turns ready once they are); each must be one of
+            ``models``. Default: the first model.
         max_active: requests sampling at once per model (they share forwards).
         max_queue: requests waiting for a slot, over all models; one more gets 429.
         max_batch: most rows in one network forward.
@@ -67,7 +68,7 @@ class ServerConfig:
     """
 
     models: tuple[str, ...] = ("shapes-vp", "shapes-flow")
-    preload: tuple[str, ...] = ("shapes-vp",)
+    preload: tuple[str, ...] | None = None
     max_active: int = 32
     max_queue: int = 64
     max_batch: int = 64
@@ -87,8 +88,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         """Every setting checked (:data:`noisewise.limits.SERVER_SETTINGS`): ValueError naming it and what
         it takes."""
-        self.models = tuple(self.models)
-        self.preload = tuple(self.preload)
+        self.models = (self.models,) if isinstance(self.models, str) else tuple(self.models)
+        p = self.preload
+        self.preload = self.models[:1] if p is None else (p,) if isinstance(p, str) else tuple(p)
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
             raise ValueError(f"models must name at least one model, got {self.models!r}")
         stray = [m for m in self.preload if m not in self.models]
@@ -415,13 +417,12 @@ class GenerationService:
             return m
 
     def preload(self) -> None:
-        for name in self.config.preload:
-            if name in self.config.models:
-                self.get(name)
+        for name in self.config.preload or ():
+            self.get(name)
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(n in self._models for n in self.config.preload if n in self.config.models)
+        return not self.draining and all(n in self._models for n in self.config.preload or ())
 
     def describe_models(self) -> list[dict[str, Any]]:
         out = []
