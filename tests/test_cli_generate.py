@@ -72,3 +72,35 @@ def test_user_mistakes_exit_cleanly(args, message, tmp_path):
                 NOISEWISE_TUNED_CACHE=str(tmp_path / "no-tuned-schedules.json"))
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif("shapes-vp" not in available_models(), reason="shipped weights not present")
+def test_an_earlier_runs_images_are_kept_unless_overwrite(tmp_path, capsys):
+    """A second run at the same --out writes <out>_2.png (and its natives) and says so; the first run's
+    files are untouched. --overwrite replaces them in place."""
+    from PIL import Image
+
+    from noisewise.cli import main
+
+    out = tmp_path / "out.png"
+    args = ["generate", "a red circle", "--steps", "1", "--num-images", "2", "--quiet"]
+    assert main([*args, "--seed", "1", "--out", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(first) == ["out-0.png", "out-1.png", "out.png"]
+    capsys.readouterr()
+    assert main([*args, "--seed", "2", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'out_2.png'} ({out} was there already and is kept; --overwrite replaces it)" in said
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in first} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0.png", "out-1.png", "out.png", "out_2-0.png",
+                                                          "out_2-1.png", "out_2.png"]
+    assert json.loads(Image.open(tmp_path / "out_2-1.png").text["parameters"])["seed"] == 3
+    # one native file of a run is enough to move on: out.png alone gone, out-0.png still there
+    (tmp_path / "out.png").unlink()
+    assert main([*args[:-3], "--quiet", "--out", str(out)]) == 0
+    assert (tmp_path / "out_3.png").is_file() and not (tmp_path / "out.png").exists()
+    capsys.readouterr()
+    assert main([*args, "--seed", "2", "--out", str(tmp_path / "out_2.png"), "--overwrite"]) == 0
+    assert "was there already" not in capsys.readouterr().out
+    assert not (tmp_path / "out_2_2.png").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written through temporary files

@@ -285,7 +285,8 @@ def test_cli_generate_preset_and_image(tmp_path, capsys):
     out = tmp_path / "out.png"
     rc = main(["generate", "a red circle", "--preset", "balanced", "--steps", "2", "--out", str(out), "--quiet"])
     assert rc == 0 and out.is_file()
-    rc = main(["generate", "a red circle", "--image", str(src), "--strength", "0", "--out", str(out), "--quiet"])
+    rc = main(["generate", "a red circle", "--image", str(src), "--strength", "0", "--out", str(out), "--overwrite",
+               "--quiet"])
     assert rc == 0
     got = np.asarray(Image.open(tmp_path / "out-0.png").convert("RGB"))
     pipe = shipped("shapes-vp")

@@ -387,11 +387,11 @@ def test_cli_negative_scale_is_stored_and_checked(tmp_path) -> None:
     bad = run_cli("generate", "a red circle", "--negative-scale", "-1", "--out", str(out))
     assert bad.returncode != 0 and "--negative-scale" in bad.stderr and "Traceback" not in bad.stderr
     r = run_cli("generate", "a red circle", "--steps", "2", "--negative-scale", "0.75", "--negative-above", "1",
-                "--out", str(out), "--device", "cpu", "--quiet")
+                "--out", str(out), "--overwrite", "--device", "cpu", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads(Image.open(out).text["parameters"])["negative_above"] == 1.0
     r = run_cli("generate", "a red circle", "--steps", "2", "--negative-scale", "0.75", "--negative-perpendicular",
-                "--out", str(out), "--device", "cpu", "--quiet")
+                "--out", str(out), "--overwrite", "--device", "cpu", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads(Image.open(out).text["parameters"])["negative_perpendicular"] is True
     for args, says in ((["--negative-above", "-1"], "--negative-above"),

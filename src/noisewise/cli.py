@@ -66,6 +66,21 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'image.png')!r}")
 
 
+def _outputs(out: Path, n: int) -> list[Path]:
+    """The files a run writes for ``--out out``: the view, then ``n`` native images ``<stem>-<i>.png``."""
+    return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def _free_out(out: Path, n: int) -> Path:
+    """``out`` if none of the files a run would write there exists, else the first free ``<stem>_<k>.png``
+    (k = 2, 3, ...): an earlier run's images are never replaced without ``--overwrite``."""
+    cand, k = out, 1
+    while any(p.exists() for p in _outputs(cand, n)):
+        k += 1
+        cand = out.with_name(f"{out.stem}_{k}{out.suffix}")
+    return cand
+
+
 def _save_png(image: Any, path: Path, meta: dict[str, Any], scale: int) -> None:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
@@ -78,7 +93,12 @@ def _save_png(image: Any, path: Path, meta: dict[str, Any], scale: int) -> None:
     img = Image.fromarray(image)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path, pnginfo=info)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # whole files only, even with --overwrite
+    try:
+        img.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _grid(images: Any, cols: int, pad: int = 1) -> Any:
@@ -207,17 +227,21 @@ def cmd_generate(a: argparse.Namespace) -> int:
     view_meta.pop("seed")
     view_meta["seed"] = a.seed
     written = []
+    asked = out
+    if not a.overwrite:  # chosen again now: another run may have written there while this one sampled
+        out = _free_out(out, len(res))
     try:
-        _save_png(view, out, view_meta, a.scale)
-        written.append(str(out))
-        for i, (img, meta) in enumerate(zip(res.images, metadata)):
-            p = out.with_name(f"{out.stem}-{i}{out.suffix}")
+        paths = _outputs(out, len(res))
+        _save_png(view, paths[0], view_meta, a.scale)
+        written.append(str(paths[0]))
+        for img, meta, p in zip(res.images, metadata, paths[1:]):
             _save_png(img, p, meta, 1)
             written.append(str(p))
     except OSError as e:
         raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     what = f"a grid of {len(res)} images" if len(res) > 1 else "the image"
-    print(f"wrote {out} ({what}, {a.scale}x pixel-exact view) and {len(res)} native "
+    kept = f" ({asked} was there already and is kept; --overwrite replaces it)" if out != asked else ""
+    print(f"wrote {out}{kept} ({what}, {a.scale}x pixel-exact view) and {len(res)} native "
           f"{res.images.shape[1]}x{res.images.shape[2]} PNG(s): {', '.join(written[1:])}")
     return 0
 
@@ -282,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "other object by its position, so it does not erase what is drawn (0 = off; default: the "
                         "model's, else 0.6)")
     g.add_argument("--num-images", type=_int_range(*limits.NUM_IMAGES, "--num-images"), default=1)
-    g.add_argument("--out", default="out.png", help="the viewable PNG; native images go to <out>-<i>.png")
+    g.add_argument("--out", default="out.png",
+                   help="the viewable PNG; native images go to <out>-<i>.png. If any of these files exists, the "
+                        "run writes <out>_2.png (_3, ...) instead and says so")
+    g.add_argument("--overwrite", action="store_true", help="replace the files at --out instead")
     g.add_argument("--scale", type=_int_range(1, 64, "--scale"), default=8, help="pixel-exact upscaling of the view")
     g.add_argument("--cols", type=_int_range(1, 64, "--cols"), default=4, help="grid columns for several images")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
