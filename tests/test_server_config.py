@@ -94,3 +94,16 @@ def test_batch_options_are_checked(capsys):
         assert words in capsys.readouterr().err
     a = build_parser().parse_args(["serve", "--max-queue", "0", "--timeout", "2.5", "--torch-threads", "2"])
     assert (a.max_queue, a.timeout, a.torch_threads) == (0, 2.5, 2)
+
+
+def test_serve_refuses_an_unknown_model_before_listening(tmp_path):
+    """A typo in --models (or a folder that is no model) stops ``noisewise serve`` in one line with exit 2,
+    instead of a server that listens but never turns ready."""
+    from tests.test_cli_generate import run_cli
+
+    r = run_cli("serve", "--models", "shapes-vp,shapes-vq", "--port", "0", timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "--models: unknown model 'shapes-vq'; did you mean 'shapes-vp'?" in r.stderr
+    assert "Traceback" not in r.stderr and "Uvicorn running" not in r.stderr
+    r = run_cli("serve", "--models", str(tmp_path), "--port", "0", timeout=120)
+    assert r.returncode == 2 and "is not a model folder" in r.stderr

@@ -51,6 +51,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
         raise UserError(str(e).replace("preload names", "--preload names").replace("models must", "--models must")
                         ) from None
+    from ..cli import UserError
+    from ..pipeline.t2i import resolve_model
+
+    for name in cfg.models:  # a typo fails here, in one line, not in a server that never turns ready
+        try:
+            resolve_model(name)
+        except ValueError as e:
+            raise UserError(f"--models: {e}") from None
     serve(a.host, a.port, cfg, log_level=a.log_level)
     return 0
 
