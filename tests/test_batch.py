@@ -168,12 +168,18 @@ def test_image_to_image_items(tmp_path):
         assert meta["init_image"]["sha256"] == hashlib.sha256((tmp_path / "pics" / "in.png").read_bytes()).hexdigest()
     # bad image lines are reported with their line number before anything runs
     (tmp_path / "notes.png").write_text("not a picture")
+    Image.new("RGB", (48, 32)).save(tmp_path / "wide.png")
     for line, words in [({"prompt": "x", "strength": 0.5}, "strength needs an image"),
                         ({"prompt": "x", "image": "missing.png"}, "cannot read image 'missing.png'"),
                         ({"prompt": "x", "image": "notes.png"}, "image 'notes.png' is not a PNG or JPEG picture"),
                         ({"prompt": "x", "image": "pics/in.png", "strength": 0}, "strength must be above 0"),
                         ({"prompt": "x", "resize": "crop"}, "resize needs an image"),
-                        ({"prompt": "x", "image": "pics/in.png", "resize": "fit"}, "resize must be one of auto")]:
+                        ({"prompt": "x", "image": "pics/in.png", "resize": "fit"}, "resize must be one of auto"),
+                        ({"prompt": "x", "image": "wide.png"}, 'the input image is 48x32 pixels, not square, and '
+                                                               'model \'shapes-vp\' takes 32x32 images: use '
+                                                               '"resize": "crop"'),
+                        ({"prompt": "x", "image": "wide.png", "resize": "crop", "model": "shapes-vq"},
+                         "unknown model 'shapes-vq'; did you mean 'shapes-vp'?")]:
         p.write_text(json.dumps(line) + "\n")
         with pytest.raises(ValueError, match=r"img.jsonl:1: " + re.escape(words)):
             jobs.read_items(p)

@@ -75,6 +75,21 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     raise ValueError(f"unknown model {s!r}{did} Shipped models: {', '.join(models) or 'none'}; or pass a folder path")
 
 
+def model_image_size(name_or_path: str | os.PathLike[str]) -> int | None:
+    """The side in pixels of the images a model folder makes (``Pipeline.sample_size``), read from its
+    ``unet/`` and ``vae/`` configs without loading any weights; ValueError from :func:`resolve_model` for
+    a name that is no model, None where the folder's layout does not tell (e.g. a transformer)."""
+    root = resolve_model(name_or_path)
+    try:
+        index_file = root / "model_index.json"
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        unet = json.loads((_component_dir(root, index, "unet") / "config.json").read_text())
+        vae = json.loads((_component_dir(root, index, "vae") / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _component_dir(root: Path, index: dict[str, Any], name: str) -> Path:
     direct = root / name
     if direct.is_dir():

@@ -5,8 +5,9 @@ Each line of the JSONL file is one item: ``{"prompt": ..., "negative_prompt"?, "
 "id"?, "image"?, "strength"?, "resize"?}``;
 missing fields take the job's defaults, a missing seed is ``base_seed + line index`` (so a job is
 reproducible as a whole). Every line is checked when the file is read, numbers against the ranges
-``noisewise generate`` and the HTTP API accept (:mod:`noisewise.limits`), so a bad line stops the job
-before any work and names its line. ``image`` (a PNG/JPEG path, relative to the JSONL file's folder)
+``noisewise generate`` and the HTTP API accept (:mod:`noisewise.limits`), models against the shipped
+names and model folders, pictures against their model's size, so a bad line stops the job before any
+work and names its line. ``image`` (a PNG/JPEG path, relative to the JSONL file's folder)
 and ``strength`` (and ``resize``) make the item image-to-image, as over HTTP: the driver reads and checks each picture
 once when the file is read (so Ray workers need no shared file system) and the metadata records the
 strength and its hashes.
@@ -67,6 +68,7 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
     items: list[dict[str, Any]] = []
     seen: set[str] = set()
     pictures: dict[Path, Any] = {}  # one decode per file, shared by the items that use it
+    sizes: dict[str, int | None] = {}  # model -> the image size it makes
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -91,8 +93,27 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
                 raise ValueError(f"{path}:{n}: duplicate id {item['id']!r}")
             seen.add(item["id"])
             _read_init_image(item, raw, Path(path).parent, pictures, f"{path}:{n}")
+            _check_model(item, sizes, f"{path}:{n}")
             items.append(item)
     return items
+
+
+def _check_model(item: dict[str, Any], sizes: dict[str, int | None], where: str) -> None:
+    """The item's model is a shipped name or a model folder, and takes its init image (if any) under its
+    ``resize``: read from the folder's configs, no weights loaded; ``sizes`` caches the image size per
+    model. ValueError naming the line otherwise, so a typo on line 500 fails before line 1 runs."""
+    from ..pipeline.img2img import check_image_size
+    from ..pipeline.t2i import model_image_size
+
+    name = item["model"]
+    try:
+        if name not in sizes:
+            sizes[name] = model_image_size(name)
+        init, size = item.get("init"), sizes[name]
+        if init is not None and size is not None:
+            check_image_size(*init.size, size, item["resize"], name, spell='"resize": "{}"')
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _checked_item(raw: dict[str, Any], d: JobDefaults, index: int) -> dict[str, Any]:
