@@ -104,3 +104,89 @@ def test_an_earlier_runs_images_are_kept_unless_overwrite(tmp_path, capsys):
     assert "was there already" not in capsys.readouterr().out
     assert not (tmp_path / "out_2_2.png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written through temporary files
+
+
+@pytest.mark.skipif("shapes-flow" not in available_models(), reason="shipped weights not present")
+def test_from_a_png_makes_the_same_image_again(tmp_path, capsys):
+    """``generate --from`` a native PNG, or a grid's view, gives the same pixels and the same parameters
+    (composition, a weighted, gated, perpendicular negative, sampler options included); options given
+    beside it replace the recorded ones; bad sources get one clear line."""
+    import numpy as np
+    from PIL import Image
+
+    from noisewise.cli import main
+
+    def px(p):
+        return np.asarray(Image.open(p).convert("RGB"))
+
+    def params(p):
+        return json.loads(Image.open(p).text["parameters"])
+
+    out = tmp_path / "out.png"
+    assert main(["generate", "two shapes: a red circle on the left and a yellow square on the right",
+                 "--model", "shapes-flow", "--sampler", "unipc", "--steps", "4", "--spacing", "karras",
+                 "--guidance-scale", "3", "--seed", "7", "--num-images", "2", "--negative-scale", "0.5",
+                 "--negative-above", "0.4", "--negative-perpendicular", "--region-sigma", "0.1", "--quiet",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    # a native image: that one image again
+    assert main(["generate", "--from", str(tmp_path / "out-1.png"), "--out", str(tmp_path / "a.png"), "--quiet"]) == 0
+    assert f"pixel-identical to {tmp_path / 'out-1.png'}" in capsys.readouterr().out
+    assert np.array_equal(px(tmp_path / "a-0.png"), px(tmp_path / "out-1.png"))
+    assert params(tmp_path / "a-0.png") == params(tmp_path / "out-1.png")
+    assert not (tmp_path / "a-1.png").exists()
+    # the grid's view: the whole grid again
+    assert main(["generate", "--from", str(out), "--out", str(tmp_path / "b.png"), "--quiet"]) == 0
+    assert "pixel-identical" in capsys.readouterr().out
+    assert np.array_equal(px(tmp_path / "b.png"), px(out))
+    assert params(tmp_path / "b.png") == params(out)
+    # an option given beside --from replaces the recorded one; the rest stay
+    assert main(["generate", "--from", str(tmp_path / "out-1.png"), "--steps", "6", "--out", str(tmp_path / "c.png"),
+                 "--quiet"]) == 0
+    assert "differs from" in capsys.readouterr().out
+    changed, old = params(tmp_path / "c-0.png"), params(tmp_path / "out-1.png")
+    assert changed["steps"] == 6 and {k: v for k, v in changed.items() if k != "steps"} == \
+        {k: v for k, v in old.items() if k != "steps"}
+    # a prompt given beside --from replaces the recorded prompt
+    assert main(["generate", "a green cross", "--from", str(tmp_path / "out-1.png"), "--out",
+                 str(tmp_path / "d.png"), "--quiet"]) == 0
+    assert params(tmp_path / "d-0.png")["prompt"] == "a green cross"
+    assert params(tmp_path / "d-0.png")["negative_above"] == 0.4
+    # bad sources
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (32, 32)).save(plain)
+    for args, words in ((["--from", str(plain)], "carries no noisewise generation parameters"),
+                        (["--from", str(tmp_path / "missing.png")], "cannot read --from"),
+                        ([], "give a prompt")):
+        assert main(["generate", *args, "--out", str(tmp_path / "e.png"), "--quiet"]) == 2
+        assert words in capsys.readouterr().err
+
+
+@pytest.mark.skipif("shapes-vp" not in available_models(), reason="shipped weights not present")
+def test_from_an_image_to_image_png_uses_its_recorded_init_image(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from noisewise.cli import main
+
+    src = tmp_path / "in.png"
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[8:24, 8:24] = (220, 30, 30)
+    Image.fromarray(img).save(src)
+    assert main(["generate", "a blue square", "--image", str(src), "--strength", "0.6", "--steps", "5", "--seed", "3",
+                 "--out", str(tmp_path / "out.png"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--from", str(tmp_path / "out-0.png"), "--out", str(tmp_path / "a.png"),
+                 "--quiet"]) == 0
+    assert "pixel-identical" in capsys.readouterr().out
+    meta = json.loads(Image.open(tmp_path / "a-0.png").text["parameters"])
+    assert meta["strength"] == 0.6 and meta["init_image"]["path"] == str(src)
+    img[0, 0] = 255  # the init image changed since: refused unless given again on purpose
+    Image.fromarray(img).save(src)
+    assert main(["generate", "--from", str(tmp_path / "out-0.png"), "--out", str(tmp_path / "b.png"), "--quiet"]) == 2
+    assert "is not the one recorded" in capsys.readouterr().err
+    assert main(["generate", "--from", str(tmp_path / "out-0.png"), "--image", str(src), "--out",
+                 str(tmp_path / "b.png"), "--quiet"]) == 0
+    src.unlink()
+    assert main(["generate", "--from", str(tmp_path / "out-0.png"), "--out", str(tmp_path / "c.png"), "--quiet"]) == 2
+    assert "which is not there; pass it with --image" in capsys.readouterr().err

@@ -113,6 +113,59 @@ def _grid(images: Any, cols: int, pad: int = 1) -> Any:
     return g
 
 
+# generate options a PNG's parameters fill when they were not given (--from): metadata key -> option
+_FROM_KEYS = ("prompt", "negative_prompt", "negative_scale", "negative_above", "negative_perpendicular", "model",
+              "sampler", "steps", "guidance_scale", "preset", "strength", "resize", "compose", "compose_scale",
+              "region_sigma", "region_context_below")
+
+
+def _read_parameters(path: str) -> dict[str, Any]:
+    """The generation parameters a noisewise PNG carries (its ``parameters`` text chunk)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            text = getattr(im, "text", {}).get("parameters")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read --from {path!r}: {e}") from None
+    try:
+        meta = json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or "prompt" not in meta or "seed" not in meta:
+        raise UserError(f"--from {path!r} carries no noisewise generation parameters (a 'parameters' PNG text "
+                        "chunk as noisewise generate, serve and batch write); give the prompt and options instead")
+    return meta
+
+
+def _apply_from(a: argparse.Namespace, meta: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Fill ``a``'s options that were not given from a PNG's parameters ``meta``. Returns the pipeline
+    arguments the command line has no option for (sampler options, ``compose_full_scale``,
+    ``phrase_states``) and the pixels SHA-256 the init image must have when its recorded path is used."""
+    for key in _FROM_KEYS:
+        if getattr(a, key) is None and meta.get(key) is not None:
+            setattr(a, key, meta[key])
+    if a.seed is None:
+        a.seed = int(meta["seed"])
+    if a.num_images is None:  # a grid's view records how many; a native image is one
+        a.num_images = int(meta.get("num_images", 1))
+    extra = {k: meta[k] for k in ("compose_full_scale", "phrase_states") if meta.get(k) is not None}
+    opts = meta.get("sampler_options") or {}
+    if isinstance(opts, dict) and a.sampler == meta.get("sampler"):  # options of another sampler do not carry
+        extra.update({k: v for k, v in opts.items() if k not in ("strength", "spacing")})
+        if a.spacing is None and isinstance(opts.get("spacing"), str):
+            a.spacing = opts["spacing"]
+    want = None
+    init = meta.get("init_image")
+    if a.image is None and isinstance(init, dict):
+        if not init.get("path") or not Path(str(init["path"])).is_file():
+            where = f"at {init['path']!r}, which is not there" if init.get("path") else "without its path"
+            raise UserError(f"--from: this image was made from an init image (pixels SHA-256 "
+                            f"{init.get('pixels_sha256', '?')}) recorded {where}; pass it with --image")
+        a.image, want = str(init["path"]), init.get("pixels_sha256")
+    return extra, want
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
@@ -121,6 +174,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     _check_writable(out)
+    extra: dict[str, Any] = {}
+    want_init = None
+    if a.from_png is not None:
+        extra, want_init = _apply_from(a, _read_parameters(a.from_png))
+    elif a.prompt is None:
+        raise UserError("give a prompt (\"\" samples unconditionally), or --from a PNG to make it again")
+    a.model = a.model if a.model is not None else DEFAULT_MODEL
+    a.seed = a.seed if a.seed is not None else 0
+    a.num_images = a.num_images if a.num_images is not None else 1
     if a.sampler is not None:
         from .solvers import get_sampler
 
@@ -158,6 +220,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         except (OSError, ImportError, ValueError, SyntaxError) as e:
             raise UserError(f"cannot read --image {a.image!r}: {e}") from None
         image = init.pixels
+        if want_init is not None and init.pixels_sha256 != want_init:
+            raise UserError(f"--from: the init image at {a.image!r} is not the one recorded (its pixels' SHA-256 "
+                            "differs); pass --image to use it anyway")
         # what identifies the init image, as the server records it: the file's and the pixels' SHA-256
         init_info = {"init_image": dict(init.info(), path=str(a.image))}
     elif a.strength is not None or a.resize is not None:
@@ -208,6 +273,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                                  ("compose_scale", a.compose_scale),
                                  ("region_sigma", a.region_sigma),
                                  ("region_context_below", a.region_context_below)) if v is not None},
+            **extra,
         )
     except NoTunedSchedule as e:
         w = a.guidance_scale if a.guidance_scale is not None else pipe.defaults["guidance_scale"]
@@ -243,7 +309,30 @@ def cmd_generate(a: argparse.Namespace) -> int:
     kept = f" ({asked} was there already and is kept; --overwrite replaces it)" if out != asked else ""
     print(f"wrote {out}{kept} ({what}, {a.scale}x pixel-exact view) and {len(res)} native "
           f"{res.images.shape[1]}x{res.images.shape[2]} PNG(s): {', '.join(written[1:])}")
+    if a.from_png is not None:
+        print(_compare_with(a.from_png, view, res.images))
     return 0
+
+
+def _compare_with(path: str, view: Any, images: Any) -> str:
+    """How the images made ``--from path`` compare with that PNG's pixels (a native image, or a view at
+    any whole-number scale)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        old = np.asarray(im.convert("RGB"))
+    new = images[0] if len(images) == 1 else view
+    h, w = new.shape[:2]
+    k = old.shape[0] // h if h else 0
+    if k < 1 or old.shape[:2] != (k * h, k * w):
+        return f"(not compared with {path}: it is {old.shape[1]}x{old.shape[0]}, these are {w}x{h})"
+    old = old[::k, ::k]
+    diff = np.abs(old.astype(np.int16) - new.astype(np.int16))
+    if not diff.any():
+        return f"pixel-identical to {path}"
+    return (f"differs from {path} in {int(diff.any(axis=-1).sum())} of {h * w} pixels (at most {int(diff.max())} "
+            "levels): options changed, or another device or library version")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,7 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="text-to-image with a shipped model or a diffusers-style folder",
         description="Generate images from a prompt. Every parameter is stored in the PNGs' text metadata.",
     )
-    g.add_argument("prompt", help='what to draw, e.g. "a large red circle on the left" ("" = unconditional)')
+    g.add_argument("prompt", nargs="?", default=None,
+                   help='what to draw, e.g. "a large red circle on the left" ("" = unconditional); with --from, '
+                        "the PNG's prompt")
+    g.add_argument("--from", dest="from_png", metavar="PNG", default=None,
+                   help="make an image again from the parameters a noisewise PNG carries (generate, serve and "
+                        "batch write them); options given here replace the recorded ones, and the result is "
+                        "compared with the PNG's pixels")
     g.add_argument("--negative-prompt", default=None,
                    help='what to steer away from (default: the model\'s: "blurry, watermark" for the shipped '
                         'shapes models, none for other checkpoints; "" for none)')
@@ -270,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a negative scale: subtract only the part of the negative prompt's direction "
                         "perpendicular to the prompt's guided direction (Perp-Neg), so the negative does not also "
                         "push harder along the prompt (default: the model's)")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="shapes-vp, shapes-flow, or a model folder")
+    g.add_argument("--model", default=None, help="shapes-vp (the default), shapes-flow, or a model folder")
     g.add_argument("--sampler", default=None, help="sampler name (default: the model's, dpmpp_2m)")
     g.add_argument("--steps", type=_int_range(*limits.STEPS, "--steps"), default=None, help="default: the model's (10)")
     g.add_argument("--spacing", default=None,
@@ -279,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model, sampler, NFE and guidance scale); default: the sampler's recommendation")
     g.add_argument("--guidance-scale", type=_float_range(*limits.GUIDANCE_SCALE, "--guidance-scale"), default=None,
                    help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--seed", type=_int_range(*limits.SEED, "--seed"), default=0, help="image i uses seed + i")
+    g.add_argument("--seed", type=_int_range(*limits.SEED, "--seed"), default=None,
+                   help="image i uses seed + i (default 0)")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="latency/quality preset (sampler, steps, precision; the model's guidance scale); explicit "
                         "options win")
@@ -305,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regions: at noise levels sigma/alpha at or below this, each object's phrase also names the "
                         "other object by its position, so it does not erase what is drawn (0 = off; default: the "
                         "model's, else 0.6)")
-    g.add_argument("--num-images", type=_int_range(*limits.NUM_IMAGES, "--num-images"), default=1)
+    g.add_argument("--num-images", type=_int_range(*limits.NUM_IMAGES, "--num-images"), default=None,
+                   help="default 1")
     g.add_argument("--out", default="out.png",
                    help="the viewable PNG; native images go to <out>-<i>.png. If any of these files exists, the "
                         "run writes <out>_2.png (_3, ...) instead and says so")
