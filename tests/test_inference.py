@@ -144,6 +144,24 @@ def test_img2img_takes_other_sizes_as_resize_says():
     assert "resize" not in pipe("a red circle", steps=2).metadata[0]  # text-to-image: nothing to resize
 
 
+def test_a_stochastic_sampler_is_seeded_per_image_by_default():
+    """Without a generator, a stochastic sampler's step noise comes from per-image generators seeded by
+    the image's seed: the same image again, whatever the batch, as the server and batch jobs give."""
+    import torch
+
+    from noisewise.pipeline.t2i import STEP_SEED_OFFSET
+
+    pipe = shipped("shapes-vp")
+    kw = dict(sampler="dpmpp_2m_sde", steps=3)
+    two = pipe("a red circle", num_images=2, seed=4, **kw)
+    np.testing.assert_array_equal(two.images, pipe("a red circle", num_images=2, seed=4, **kw).images)
+    np.testing.assert_array_equal(two.images[1], pipe("a red circle", seed=5, **kw).images[0])
+    gens = [torch.Generator().manual_seed(s + STEP_SEED_OFFSET) for s in (4, 5)]
+    np.testing.assert_array_equal(two.images, pipe("a red circle", num_images=2, seed=4, generator=gens, **kw).images)
+    other = [torch.Generator().manual_seed(s) for s in (4, 5)]  # the step noise matters: another one differs
+    assert not np.array_equal(two.images, pipe("a red circle", num_images=2, seed=4, generator=other, **kw).images)
+
+
 def test_latent_cache_is_bounded():
     c = LatentCache(max_entries=2)
     pipe = shipped("shapes-vp")

@@ -100,6 +100,9 @@ def _component_dir(root: Path, index: dict[str, Any], name: str) -> Path:
     raise FileNotFoundError(f"model folder {root} has no {name}/ component")
 
 
+STEP_SEED_OFFSET = 0x5EED  # Pipeline.step_generators: seed + this, apart from the initial noise's seed
+
+
 @dataclass
 class GenerationResult:
     """``images``: uint8 ``(N, H, W, 3)``; ``metadata``: one dict per image with every parameter
@@ -295,6 +298,13 @@ class Pipeline:
         noise = [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.device)
 
+    @staticmethod
+    def step_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+        """One CPU generator per image for the noise a stochastic sampler adds at its steps, seeded by
+        the image's seed (offset from :meth:`initial_noise`'s): the same image whatever the batch or entry
+        point (Python, ``generate``, the server, batch jobs)."""
+        return [torch.Generator().manual_seed(int(s) + STEP_SEED_OFFSET) for s in seeds]
+
     def decode(self, latents: Tensor) -> np.ndarray:
         return tensor_to_images(self.codec.decode(latents))
 
@@ -477,6 +487,8 @@ class Pipeline:
             resize = check_resize(resize)
             sampler_options = {**sampler_options, "init": encode_images(self, image, len(prompts), resize),
                                "strength": s}
+        if sampler_options.get("generator") is None:  # a stochastic sampler's noise is seeded per image too
+            sampler_options = {**sampler_options, "generator": self.step_generators(seeds)}
         latents, nfe = self._sample(noise, cond, uncond, scale, sampler, steps, callback, model=model,
                                     **sampler_options, **guide_kw)
         images = self.decode(latents)

@@ -580,15 +580,10 @@ class GenerationService:
             kw = {k: params.get(k) for k in ("negative_prompt", "negative_scale", "negative_above",
                                              "negative_perpendicular", "sampler", "steps", "guidance_scale",
                                              "compose")}
+            # a stochastic sampler's step noise is seeded per image by the pipeline: the same image however
+            # the requests are batched
             seeds = [params["seed"] + i for i in range(params.get("num_images", 1))]
             extra: dict[str, Any] = {}
-            sampler = params.get("sampler") or model.pipe.defaults["sampler"]
-            import torch
-
-            import noisewise as nw
-
-            if nw.get_sampler(sampler).stochastic:  # seeded per image: reproducible and independent of batching
-                extra["generator"] = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
             if init is not None:
                 extra.update(image=init.pixels, strength=params["strength"], resize=params["resize"])
             res = model.pipe(params.get("prompt", ""), num_images=len(seeds), seed=params["seed"],

@@ -222,16 +222,9 @@ class ItemRunner:
 
     def run(self, item: dict[str, Any]) -> tuple[str, Any, list[dict[str, Any]], int]:
         """``(id, uint8 images NHWC, metadata per image, nfe)``."""
-        import torch
-
-        import noisewise as nw
-
         pipe = self.pipe(item["model"])
         sampler = item["sampler"] or pipe.defaults["sampler"]
-        seeds = [item["seed"] + i for i in range(item["num_images"])]
-        extra: dict[str, Any] = {}
-        if nw.get_sampler(sampler).stochastic:  # same per-image seeding as the server
-            extra["generator"] = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
+        extra: dict[str, Any] = {}  # a stochastic sampler's step noise: seeded per image by the pipeline
         init = item.get("init")
         if init is not None:
             extra.update(image=init.pixels, strength=item["strength"], resize=item["resize"])
