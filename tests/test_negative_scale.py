@@ -118,6 +118,15 @@ def test_composed_denoiser_adds_the_negative_term() -> None:
     weighted = nw.sample(model, z, uncond=UNCOND.expand(8), negative=torch.tensor([1]).expand(8), negative_scale=1.5,
                          **opts)
     assert torch.allclose(weighted, replaced, atol=1e-9, rtol=0)
+    # the same rules as GuidedDenoiser's negative: s = 0 or an empty negative adds no term and no rows; a
+    # negative without its weight is refused (a replacing negative is guide=)
+    for kw in (dict(negative=neg, negative_scale=0.0), dict(negative=torch.tensor([]), negative_scale=0.5)):
+        spy = Spy()
+        d = ComposedDenoiser(spy, cond=cond, guide=guide, guidance_scale=2.0, composition=comp, **kw)
+        d(x, LEVEL)
+        assert d.neg is None and spy.calls == [[-1, -1, 0, 3, 2]], kw
+    with pytest.raises(ValueError, match="give negative_scale= too, or pass a negative that replaces"):
+        ComposedDenoiser(spy, cond=cond, guide=guide, guidance_scale=2.0, composition=comp, negative=neg)
 
 
 def test_negative_above_gates_the_negative_term_and_its_rows() -> None:

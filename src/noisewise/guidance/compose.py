@@ -33,18 +33,17 @@ from .guided import (
     _cat,
     _check_cond,
     _ChunkedForward,
-    _is_empty,
     _leaves,
     _map,
     _same_layout,
     _take,
     check_negative_above,
     check_negative_perpendicular,
-    check_negative_scale,
     check_noise_level,
     check_scale,
     conditional_denoiser,
     perpendicular_part,
+    split_negative,
 )
 
 Tensor = torch.Tensor
@@ -143,12 +142,15 @@ class ComposedDenoiser(_ChunkedForward):
         self.cond = _check_cond(cond, "cond", batch)
         self.guide = _check_cond(guide, "guide", batch)
         _same_layout(self.cond, self.guide, "cond", "guide")
-        self.negative_scale = check_negative_scale(negative_scale)
+        replacing, weighted, self.negative_scale = split_negative(self.guide, negative, negative_scale)
         self.negative_above = check_negative_above(negative_above, negative_scale)
         self.negative_perpendicular = check_negative_perpendicular(negative_perpendicular, negative_scale)
+        if replacing is not None:
+            raise ValueError("negative= is the negative with its own weight: give negative_scale= too, or pass a "
+                             "negative that replaces the unconditional branch as guide=")
         self.neg = None  # a separately weighted negative: - s (D(n) - D(u)), one more row per sample
-        if self.negative_scale and negative is not None and not _is_empty(negative):
-            self.neg = _check_cond(negative, "negative", batch)
+        if weighted is not None:
+            self.neg = _check_cond(weighted, "negative", batch)
             _same_layout(self.cond, self.neg, "cond", "negative")
         self.scale = check_scale(guidance_scale, batch)
         comp = composition if composition is not None and len(composition) else None
