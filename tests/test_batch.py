@@ -93,6 +93,7 @@ def test_bad_lines_are_reported_with_their_line_number(tmp_path):
     ("seed", None, "seed must be a whole number"),
     ("prompt", None, "prompt must be a string, got None"),
     ("sampler", 3, "sampler must be a string or null"),
+    ("sampler", "dpm++2m", "unknown sampler 'dpm[+][+]2m'; did you mean 'dpmpp_2m'"),
     ("model", ["shapes-vp"], "model must be a string"),
 ])
 def test_every_field_is_checked_when_the_file_is_read(tmp_path, field, value, message):
@@ -283,3 +284,33 @@ def test_cli_batch_negative_scale_default(tmp_path):
     bad = run_cli("batch", str(p), "--out", str(tmp_path / "bad"), "--negative-scale", "-1")
     assert bad.returncode != 0 and "--negative-scale must be from 0 to 50, got -1" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_an_item_that_fails_is_reported_and_the_job_goes_on(tmp_path, monkeypatch, capsys):
+    """One item failing at run time writes nothing for it, the others are generated, the command says
+    which failed and why and exits 1; the same command again redoes only that item."""
+    from noisewise.cli import main
+
+    p = tmp_path / "p.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"a red circle {i}", "steps": 1, "id": f"i{i}"}) + "\n"
+                         for i in range(3)))
+    run = jobs.ItemRunner.run
+
+    def flaky(self, item):
+        if item["id"] == "i1":
+            raise RuntimeError("the network returned NaN")
+        return run(self, item)
+
+    monkeypatch.setattr(jobs.ItemRunner, "run", flaky)
+    out = tmp_path / "out"
+    assert main(["batch", str(p), "--out", str(out), "--quiet"]) == 1
+    said = capsys.readouterr()
+    assert "2 item(s) generated, 0 already done, 1 failed, 3 in all" in said.out
+    assert "item i1 failed: RuntimeError: the network returned NaN" in said.err and "Traceback" not in said.err
+    assert sorted(f.name for f in out.iterdir()) == ["i0.json", "i0.png", "i2.json", "i2.png"]
+    monkeypatch.setattr(jobs.ItemRunner, "run", run)
+    assert main(["batch", str(p), "--out", str(out), "--quiet"]) == 0
+    assert "1 item(s) generated, 2 already done, 3 in all" in capsys.readouterr().out
+    assert (out / "i1.json").is_file()
+    rep = jobs.run_batch(jobs.read_items(p), out, progress=False)
+    assert (rep.done, rep.skipped, rep.failed) == (0, 3, {})

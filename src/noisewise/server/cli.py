@@ -82,8 +82,18 @@ def cmd_batch(a: argparse.Namespace) -> int:
     steady = rep.steady_items_per_s
     after = (f"; first result after {rep.first_result_s:.1f} s, then {steady:.2f} items/s"
              if steady is not None and rep.first_result_s is not None else "")
-    print(f"{rep.done} item(s) generated, {rep.skipped} already done, {rep.total} in all -> {a.out} "
+    failed = f", {len(rep.failed)} failed" if rep.failed else ""
+    print(f"{rep.done} item(s) generated, {rep.skipped} already done{failed}, {rep.total} in all -> {a.out} "
           f"({rep.seconds:.1f} s, {rep.images_per_s:.2f} items/s{after})")
+    if rep.failed:
+        import sys
+
+        for item_id, why in list(rep.failed.items())[:10]:
+            print(f"noisewise: item {item_id} failed: {why}", file=sys.stderr)
+        more = f" (and {len(rep.failed) - 10} more)" if len(rep.failed) > 10 else ""
+        print(f"noisewise: {len(rep.failed)} item(s) failed{more} and wrote nothing; fix them and run the same "
+              "command again: finished items are skipped", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,7 +28,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -147,6 +147,10 @@ def _checked_item(raw: dict[str, Any], d: JobDefaults, index: int) -> dict[str, 
     if item["negative_perpendicular"] is not None and not isinstance(item["negative_perpendicular"], bool):
         raise ValueError(f"negative_perpendicular must be true, false or null (the model's default), "
                          f"got {item['negative_perpendicular']!r}")
+    if item["sampler"] is not None:  # a typo fails here, with "did you mean", not when its line runs
+        from ..solvers import get_sampler
+
+        get_sampler(item["sampler"])
     if item["compose"] is not None and item["compose"] not in COMPOSE_MODES:
         raise ValueError(f"compose must be one of {', '.join(COMPOSE_MODES)} or null (the model's default), "
                          f"got {item['compose']!r}")
@@ -220,6 +224,14 @@ class ItemRunner:
             self._pipes[model] = Pipeline.from_pretrained(model)
         return self._pipes[model]
 
+    def run_or_fail(self, item: dict[str, Any]) -> tuple[str, Any, Any, int]:
+        """:meth:`run`, with a failure returned as ``(id, None, "<error>: <message>", 0)`` instead of
+        raised, so that one item that fails does not stop the others."""
+        try:
+            return self.run(item)
+        except Exception as e:  # noqa: BLE001 - reported per item; the job goes on
+            return item["id"], None, f"{type(e).__name__}: {e}", 0
+
     def run(self, item: dict[str, Any]) -> tuple[str, Any, list[dict[str, Any]], int]:
         """``(id, uint8 images NHWC, metadata per image, nfe)``."""
         pipe = self.pipe(item["model"])
@@ -273,6 +285,7 @@ class BatchReport:
     seconds: float
     nfe: int
     first_result_s: float | None = None  # start-up (engine, model loading) plus the first item
+    failed: dict[str, str] = field(default_factory=dict)  # item id -> what went wrong (no files written)
 
     @property
     def images_per_s(self) -> float:
@@ -289,7 +302,7 @@ class BatchReport:
 def _local(items: list[dict[str, Any]], torch_threads: int | None) -> Iterator[tuple[str, Any, Any, int]]:
     runner = ItemRunner(torch_threads)
     for item in items:
-        yield runner.run(item)
+        yield runner.run_or_fail(item)
 
 
 def _ray(items: list[dict[str, Any]], workers: int, address: str | None,
@@ -309,7 +322,7 @@ def _ray(items: list[dict[str, Any]], workers: int, address: str | None,
     try:
         actor = ray.remote(num_cpus=1)(ItemRunner)
         pool = ActorPool([actor.remote(torch_threads or 1) for _ in range(workers)])
-        yield from pool.map_unordered(lambda a, it: a.run.remote(it), items)
+        yield from pool.map_unordered(lambda a, it: a.run_or_fail.remote(it), items)
     finally:
         if started_here:
             ray.shutdown()
@@ -319,7 +332,9 @@ def run_batch(
     items: Iterable[dict[str, Any]], out: str | os.PathLike[str], *, engine: Literal["local", "ray"] = "local",
     workers: int = 2, address: str | None = None, torch_threads: int | None = None, progress: bool = True,
 ) -> BatchReport:
-    """Generate every unfinished item into ``out`` (finished items are skipped: resumable)."""
+    """Generate every unfinished item into ``out`` (finished items are skipped: resumable). An item that
+    fails is logged and reported in ``BatchReport.failed``, writes no files, and the job goes on; a
+    rerun tries it again."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = list(items)
@@ -337,19 +352,24 @@ def run_batch(
     t0 = time.perf_counter()
     done = nfe = 0
     first: float | None = None
+    failed: dict[str, str] = {}
     try:
         if pending:
             results = _local(pending, torch_threads) if engine == "local" else _ray(pending, workers, address,
                                                                                   torch_threads)
             for item_id, images, meta, n in results:
-                write_item(out_dir, item_id, images, meta, n)
+                if images is None:
+                    failed[item_id] = str(meta)
+                    logger.error("item %s failed: %s", item_id, meta)
+                else:
+                    write_item(out_dir, item_id, images, meta, n)
+                    done += 1
+                    nfe += n
                 if first is None:
                     first = time.perf_counter() - t0
-                done += 1
-                nfe += n
                 if bar is not None:
                     bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    return BatchReport(len(items), skipped, done, time.perf_counter() - t0, nfe, first)
+    return BatchReport(len(items), skipped, done, time.perf_counter() - t0, nfe, first, failed)
