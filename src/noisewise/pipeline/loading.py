@@ -282,6 +282,15 @@ def load_transformers_model(folder: Path, class_name: str, dtype: torch.dtype, d
     return model.eval().requires_grad_(False).to(device)
 
 
+def diffusers_load_options() -> dict[str, Any]:
+    """Options for a diffusers ``from_pretrained`` here: without ``accelerate`` installed (it is not a
+    dependency), ``low_cpu_mem_usage=False`` said outright, which is what diffusers falls back to anyway,
+    so that it does not print a warning that recommends installing it on every load."""
+    import importlib.util
+
+    return {} if importlib.util.find_spec("accelerate") is not None else {"low_cpu_mem_usage": False}
+
+
 def load_diffusers_model(folder: Path, class_name: str, dtype: torch.dtype, device: str | torch.device) -> Any:
     """A frozen diffusers model of class ``class_name`` from safetensors only (a UNet folder written
     by :func:`noisewise.pipeline.prune.save_pruned` is rebuilt pruned)."""
@@ -295,7 +304,8 @@ def load_diffusers_model(folder: Path, class_name: str, dtype: torch.dtype, devi
     import diffusers
 
     cls = getattr(diffusers, class_name)
-    model = cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True, variant=weight_variant(folder))
+    model = cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True, variant=weight_variant(folder),
+                                **diffusers_load_options())
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -59,7 +59,10 @@ class LatentCodec:
     def from_pretrained(cls, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> LatentCodec:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
+        from .loading import diffusers_load_options
+
+        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True,
+                                            **diffusers_load_options())
         return cls(vae.eval().requires_grad_(False))
 
     @property
