@@ -91,7 +91,8 @@ def test_an_earlier_runs_images_are_kept_unless_overwrite(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--seed", "2", "--out", str(out)]) == 0
     said = capsys.readouterr().out
-    assert f"wrote {tmp_path / 'out_2.png'} ({out} was there already and is kept; --overwrite replaces it)" in said
+    assert said.startswith(f"wrote {tmp_path / 'out_2.png'} (a grid of 2 images")
+    assert said.rstrip().endswith(f"; {out} was there already and is kept (--overwrite replaces it)")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in first} == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0.png", "out-1.png", "out.png", "out_2-0.png",
                                                           "out_2-1.png", "out_2.png"]

@@ -306,9 +306,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     except OSError as e:
         raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     what = f"a grid of {len(res)} images" if len(res) > 1 else "the image"
-    kept = f" ({asked} was there already and is kept; --overwrite replaces it)" if out != asked else ""
-    print(f"wrote {out}{kept} ({what}, {a.scale}x pixel-exact view) and {len(res)} native "
-          f"{res.images.shape[1]}x{res.images.shape[2]} PNG(s): {', '.join(written[1:])}")
+    kept = f"; {asked} was there already and is kept (--overwrite replaces it)" if out != asked else ""
+    print(f"wrote {out} ({what}, {a.scale}x pixel-exact view) and {len(res)} native "
+          f"{res.images.shape[1]}x{res.images.shape[2]} PNG(s): {', '.join(written[1:])}{kept}")
     if a.from_png is not None:
         print(_compare_with(a.from_png, view, res.images))
     return 0
