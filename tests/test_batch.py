@@ -154,6 +154,8 @@ def test_image_to_image_items(tmp_path):
     items = jobs.read_items(p)
     assert items[0]["init"] is items[1]["init"]  # one decode per file
     assert [it["resize"] for it in items] == ["auto", "auto", "stretch"]
+    # the job's default for lines without their own: --resize crop
+    assert [it["resize"] for it in jobs.read_items(p, jobs.JobDefaults(resize="crop"))] == ["crop", "crop", "stretch"]
     out = tmp_path / "out"
     assert jobs.run_batch(items, out, progress=False).done == 3
     pipe = Pipeline.from_pretrained("shapes-vp")

@@ -89,6 +89,7 @@ def test_the_resize_modes_are_the_same_everywhere(tmp_path):
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
                   if "--resize" in a.option_strings)
     assert list(action.choices) == list(limits.RESIZE_MODES)
+    assert build_parser().parse_args(["batch", "p.jsonl", "--out", "o", "--resize", "crop"]).resize == "crop"
     Image.new("RGB", (32, 32)).save(tmp_path / "in.png")  # the model's size: every mode takes it
     p = tmp_path / "p.jsonl"
     p.write_text("".join(json.dumps({"prompt": "x", "image": "in.png", "resize": m}) + "\n"

@@ -69,7 +69,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
     d = JobDefaults(model=a.model, sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale,
                     negative_prompt=a.negative_prompt, negative_scale=a.negative_scale,
                     negative_above=a.negative_above, negative_perpendicular=a.negative_perpendicular,
-                    compose=a.compose,
+                    compose=a.compose, resize=a.resize,
                     base_seed=a.seed)
     try:
         items = read_items(a.prompts, d)
@@ -162,6 +162,9 @@ def add_cli(sub: Any) -> None:
                         "the model's")
     b.add_argument("--compose", choices=COMPOSE_MODES, default=None,
                    help="prompt composition for items without one (docs/composition.md); default: the model's")
+    b.add_argument("--resize", choices=list(limits.RESIZE_MODES), default=None,
+                   help="image-to-image lines without their own \"resize\": how a picture of another size becomes "
+                        "the model's (default auto: a square picture is scaled, another shape refused)")
     b.add_argument("--seed", type=_int_range(*limits.SEED, "--seed"), default=0,
                    help="items without a seed use seed + line index")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

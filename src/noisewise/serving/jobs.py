@@ -58,6 +58,7 @@ class JobDefaults:
     negative_above: float | None = None
     negative_perpendicular: bool | None = None
     compose: str | None = None
+    resize: str | None = None  # image-to-image lines without their own "resize"
     num_images: int = 1
     base_seed: int = 0
 
@@ -92,7 +93,7 @@ def read_items(path: str | os.PathLike[str], defaults: JobDefaults | None = None
             if item["id"] in seen:
                 raise ValueError(f"{path}:{n}: duplicate id {item['id']!r}")
             seen.add(item["id"])
-            _read_init_image(item, raw, Path(path).parent, pictures, f"{path}:{n}")
+            _read_init_image(item, raw, Path(path).parent, pictures, f"{path}:{n}", d.resize)
             _check_model(item, sizes, f"{path}:{n}")
             items.append(item)
     return items
@@ -166,10 +167,11 @@ def _checked_item(raw: dict[str, Any], d: JobDefaults, index: int) -> dict[str, 
 
 
 def _read_init_image(item: dict[str, Any], raw: dict[str, Any], base: Path, pictures: dict[Path, Any],
-                     where: str) -> None:
+                     where: str, default_resize: str | None = None) -> None:
     """``image`` / ``strength`` of one line -> ``item["image"]`` (the path as written), ``item["init"]``
     (a decoded :class:`noisewise.server.service.InitImage`), ``item["strength"]`` (default 0.8) and
-    ``item["resize"]`` (default ``"auto"``; the size itself is checked against the model when the item runs)."""
+    ``item["resize"]`` (default ``default_resize``, else ``"auto"``; :func:`_check_model` then checks the size
+    against the model)."""
     from ..pipeline.img2img import DEFAULT_STRENGTH, check_resize
     from ..server.service import decode_image_bytes
 
@@ -181,7 +183,7 @@ def _read_init_image(item: dict[str, Any], raw: dict[str, Any], base: Path, pict
                                  "text-to-image")
         return
     try:
-        resize = check_resize(raw.get("resize"))
+        resize = check_resize(raw.get("resize", default_resize))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     if not isinstance(image, str) or not image:
